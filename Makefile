@@ -68,7 +68,7 @@ test-vllm: model $(VLLM_VENV)/.done
 	$(VLLM_PY) -m pytest -q -m vllm tests/test_vllm_backend.py
 
 bench-score-vllm: model $(VLLM_VENV)/.done
-	$(VLLM_PY) -m siren_batch.vllm_backend --bench $(ARGS)
+	$(VLLM_PY) -m siren_batch.bench_vllm $(ARGS)
 
 # ---- one target per stage -----------------------------------------------------
 ingest embed topics sketches prompts score: model

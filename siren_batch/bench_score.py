@@ -104,7 +104,7 @@ def run_bench(users: int, candidates: int, batch_size: int, cot_prompts: int, ma
               data_dir: Path) -> dict:
     import torch
 
-    from siren_batch.transformers_backend import TransformersBackend
+    from siren_batch.backends.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(ScoreConfig(device="cpu", batch_size=batch_size))
     texts, groups = real_prompts(backend.tokenizer, data_dir, users, candidates)
@@ -147,7 +147,7 @@ def run_bench(users: int, candidates: int, batch_size: int, cot_prompts: int, ma
 
 def _token_stats(backend, texts, groups) -> tuple[float, float]:
     """Mean prompt tokens, and mean shared prefix per user."""
-    from siren_batch.transformers_backend import shared_prefix_len
+    from siren_batch.backends.transformers_backend import shared_prefix_len
 
     ids = backend.tokenizer(texts, add_special_tokens=False)["input_ids"]
     by_user: dict[str, list] = {}

@@ -32,7 +32,7 @@ from siren_batch.warehouse import (delete_path, list_dir, move_path, path_exists
 
 logger = logging.getLogger(__name__)
 
-SCORED_COLUMNS = ["rating", "rating_argmax", "probs", "prompt_tokens", "output_tokens",
+SCORED_COLUMNS = ["rating", "rating_median", "rating_argmax", "probs", "prompt_tokens", "output_tokens",
                   "model_id", "adapter_id", "error"]
 
 

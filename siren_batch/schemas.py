@@ -105,7 +105,8 @@ PROMPTS = T.StructType([
 RATINGS = T.StructType([
     T.StructField("user_id", T.StringType(), False),
     T.StructField("item_id", T.StringType(), False),
-    T.StructField("rating", T.DoubleType(), True),          # expected rating over probs; null on error
+    T.StructField("rating", T.DoubleType(), True),          # expected rating over probs (RMSE-optimal); null on error
+    T.StructField("rating_median", T.DoubleType(), True),   # median of probs (MAE-optimal); cot: the parsed answer
     T.StructField("rating_argmax", T.DoubleType(), True),   # most probable scale point (cot: the parsed answer)
     T.StructField("probs", T.ArrayType(T.DoubleType(), False), True),  # one per scale point, sums to 1
     T.StructField("prompt_tokens", T.IntegerType(), True),

@@ -15,9 +15,9 @@ import pytest
 
 from siren_batch import model_cache
 from siren_batch.config import ScoreConfig
-from siren_batch.scoring import (SCALE, SCORED_COLUMNS, ScoringError, make_predict_fn, parse_answer,
-                                 rating_token_ids, readout, score_frame)
-from siren_batch.transformers_backend import TransformersBackend, shared_prefix_len
+from siren_batch.backends import SCALE, ScoringError, parse_answer, rating_token_ids, readout, readout_median
+from siren_batch.backends.transformers_backend import TransformersBackend, shared_prefix_len
+from siren_batch.scoring import SCORED_COLUMNS, make_predict_fn, score_frame
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -88,6 +88,15 @@ def test_readout_matches_hand_computed_values():
     assert best_tie == 1.0 and math.isclose(expected_tie, 3.0)
     with pytest.raises(ValueError, match="3 logits for a 5-point scale"):
         readout(np.zeros(3))
+
+
+def test_readout_median_is_the_mae_optimal_point():
+    probs = np.array([[0.3, 0.1, 0.05, 0.15, 0.4], [0.0, 0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    assert readout_median(probs).tolist() == [4.0, 3.0, 5.0]
+    values = np.arange(1.0, 6.0)
+    for row, median in zip(probs, readout_median(probs)):   # no point has a lower expected |error|
+        loss = [(row * np.abs(values - v)).sum() for v in values]
+        assert math.isclose((row * np.abs(values - median)).sum(), min(loss))
 
 
 def test_parse_answer_takes_last_answer_and_clips():
@@ -227,6 +236,7 @@ def test_make_predict_fn_maps_a_pandas_batch(tiny_model, prompts, backend):
     assert pd.isna(out["rating"].iloc[3]) and out["probs"].iloc[3] is None
     assert (out["model_id"] == tiny_model.name).all() and out["adapter_id"].isna().all()
     assert out["output_tokens"].iloc[:3].tolist() == [1, 1, 1]
+    assert out["rating_median"].iloc[:3].tolist() == readout_median(np.array(out["probs"].iloc[:3].tolist())).tolist()
     np.testing.assert_allclose(np.array(out["probs"].iloc[:3].tolist()),
                                _probs(backend.score(texts[:3], groups[:3])), atol=1e-5)
     model_cache.clear()

@@ -20,7 +20,7 @@ import pytest
 
 from siren_batch.assets import resolve_llm
 from siren_batch.config import ScoreConfig
-from siren_batch.vllm_backend import group_order, lora_rank, vllm_dtype
+from siren_batch.backends.vllm_backend import group_order, lora_rank, vllm_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logger = logging.getLogger(__name__)  # measured numbers: pytest -o log_cli=true --log-cli-level=INFO
@@ -77,7 +77,7 @@ def _render(tokenizer, user: str, title: str, genres: str, mode: str = "answer_o
 
 @pytest.fixture(scope="module")
 def backend():
-    from siren_batch.vllm_backend import VLLMBackend
+    from siren_batch.backends.vllm_backend import VLLMBackend
 
     engine = VLLMBackend(ScoreConfig(backend="vllm", vllm_max_model_len=MAX_LEN, max_new_tokens=COT_TOKENS))
     yield engine
@@ -102,7 +102,7 @@ def prompts(hf):
 def _reference_probs(hf, texts: list[str]) -> np.ndarray:
     import torch
 
-    from siren_batch.scoring import rating_token_ids
+    from siren_batch.backends import rating_token_ids
 
     tokenizer, model = hf
     ids = rating_token_ids(tokenizer)
@@ -217,7 +217,7 @@ def test_lora_adapter_matches_merged_weights(hf, prompts, lora_dir, monkeypatch)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from siren_batch.vllm_backend import VLLMBackend
+    from siren_batch.backends.vllm_backend import VLLMBackend
 
     texts, groups = prompts
     folder, tensors = lora_dir

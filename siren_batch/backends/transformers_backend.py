@@ -24,7 +24,7 @@ import numpy as np
 
 from siren_batch.assets import resolve_llm
 from siren_batch.config import ScoreConfig
-from siren_batch.scoring import SCALE, ScoreResult, parse_answer, rating_token_ids, readout
+from siren_batch.backends.base import SCALE, ScoreResult, parse_answer, rating_token_ids, readout
 
 logger = logging.getLogger(__name__)
 
