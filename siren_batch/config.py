@@ -216,6 +216,53 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Answer-only fine-tuning (siren_batch.train.sft): `make train-sft`."""
+    base_model: str = "default"       # model to fine-tune: "default" = the bundled SmolLM2 folder; else path or hub id
+    out_dir: str = "./models/trained" # outputs under <out_dir>/<dataset>/<name>/ (adapter, checkpoints, metrics)
+    name: str = "sft"                 # run name; a second run with the same name resumes from its checkpoint
+    method: str = "lora"              # lora | full
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    loss: str = "ce"                  # ce (rating token) | mse (expected rating) | both (sum)
+    target: str = "rating"            # rating | residual (label - bias baseline, shifted onto the scale)
+    variant: str = "sketch"           # prompt variant trained on (prompts table)
+    max_examples: int | None = 2000   # train rows used (seeded sample); null = every train row
+    valid_examples: int | None = 300  # valid rows for model selection / early stopping; null = all
+    epochs: float = 1.0
+    batch_size: int = 8               # examples per optimizer step (before grad_accum)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_seq_len: int = 1024           # longer prompts are skipped and counted
+    pack: bool = True                 # one user's targets behind one shared prefix in a row
+    eval_every: int = 50              # optimizer steps between valid evaluations
+    patience: int = 3                 # evaluations without improvement before early stopping
+    checkpoint_every: int = 25        # optimizer steps between checkpoints
+    device: str = "auto"              # auto | cpu | cuda
+    dtype: str = "auto"               # auto (bf16 autocast on GPU and on CPUs with bf16) | float32 | bfloat16
+    torch_threads: int = 0            # CPU: torch intra-op threads; 0 = torch default
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _require(self.method in ("lora", "full"), "train.method must be lora or full")
+        _require(self.loss in ("ce", "mse", "both"), "train.loss must be ce, mse or both")
+        _require(self.target in ("rating", "residual"), "train.target must be rating or residual")
+        _require(self.variant in ("sketch", "recent", "raw"), "train.variant must be sketch, recent or raw")
+        _require(self.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda")
+        _require(self.dtype in ("auto", "float32", "bfloat16"), "train.dtype must be auto, float32 or bfloat16")
+        _require(self.batch_size > 0 and self.grad_accum > 0 and self.lr > 0 and self.epochs > 0,
+                 "train.batch_size, train.grad_accum, train.lr and train.epochs must be > 0")
+        _require(self.max_examples is None or self.max_examples > 0, "train.max_examples must be > 0 or null")
+        _require(self.eval_every > 0 and self.checkpoint_every > 0 and self.patience > 0,
+                 "train.eval_every, train.checkpoint_every and train.patience must be > 0")
+        _require(self.method == "full" or bool(self.lora_targets), "train.lora_targets needs at least one module")
+
+
+@dataclass
 class Config:
     dataset: str = "ml-100k"          # names conf/datasets/<dataset>.yaml and the warehouse folder
     warehouse: str = "./warehouse"    # root folder (or hdfs://, s3a:// URI) of all tables
@@ -227,6 +274,7 @@ class Config:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
