@@ -135,6 +135,7 @@ class PromptsConfig:
     variants: list[str] = field(default_factory=lambda: ["sketch"])  # sketch | recent | raw
     modes: list[str] = field(default_factory=lambda: ["answer_only"])  # answer_only | cot
     raw_history_max: int = 0          # raw variant: most recent items kept; 0 = the whole history
+    priors: bool = False              # add as-of numeric priors: the user's and the item's earlier rating count and mean
 
     def __post_init__(self) -> None:
         bad = [v for v in self.variants if v not in ("sketch", "recent", "raw")]

@@ -12,10 +12,16 @@ prefix (KV-cache reuse when scoring many candidates of one user):
     Below are the user's recent ratings in the format: Title, Genres, Rating
     Title, cat1|cat2, 4.0
 
-    The candidate is described as: Title, cat1|cat2
-    Based on the above information, what rating will the user give?
+    The user has rated 57 items before, 3.62 on average.          (prompts.priors only)
 
-An empty section is left out. Variants: sketch (topics + recent), recent (recent
+    Based on the above information, what rating will the user give the candidate below?
+    The candidate is described as: Title, cat1|cat2
+    Earlier ratings of this item: 112, 4.05 on average.            (prompts.priors only)
+
+The fixed question comes BEFORE the candidate, so with a shared per-user prefix a
+pair costs only its candidate line, the chat template's tail and the answer cue.
+The priors are as of strictly before the target (example sketches) or the end of
+history (serving), never including the rating being predicted. An empty section is left out. Variants: sketch (topics + recent), recent (recent
 only), raw (the user's whole earlier history, no topics; the token ablation).
 Modes: cot ends at the chat template's generation prompt; answer_only appends
 ANSWER_ONLY_SUFFIX so the next token is the rating.
@@ -49,7 +55,11 @@ DISLIKED_HEADER = "The user shows dislike for the following topics (ratings < {t
 RECENT_HEADER = "Below are the user's recent ratings in the format: Title, Genres, Rating"
 RAW_HEADER = "Below are the user's past ratings in the format: Title, Genres, Rating"
 CANDIDATE_LINE = "The candidate is described as: {item}"
-QUESTION = "Based on the above information, what rating will the user give?"
+QUESTION = "Based on the above information, what rating will the user give the candidate below?"
+USER_PRIOR = "The user has rated {count} items before, {mean:.2f} on average."
+USER_PRIOR_NONE = "The user has no earlier ratings."
+ITEM_PRIOR = "Earlier ratings of this item: {count}, {mean:.2f} on average."
+ITEM_PRIOR_NONE = "Earlier ratings of this item: none."
 SECTION_SEP = "\n\n"
 ANSWER_ONLY_SUFFIX = "\n<think>\n</think>\n<answer>"
 
@@ -61,7 +71,8 @@ def prompt_template_hash() -> str:
     """Short hash of every template string; stored with each rating so outputs
     say which template produced them."""
     parts = [SYSTEM_PROMPT, LIKED_HEADER, DISLIKED_HEADER, RECENT_HEADER, RAW_HEADER,
-             CANDIDATE_LINE, QUESTION, SECTION_SEP, ANSWER_ONLY_SUFFIX]
+             CANDIDATE_LINE, QUESTION, SECTION_SEP, ANSWER_ONLY_SUFFIX, USER_PRIOR, USER_PRIOR_NONE,
+             ITEM_PRIOR, ITEM_PRIOR_NONE]
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:12]
 
 
@@ -75,12 +86,18 @@ def _rating_lines(entries) -> list[str]:
     return [f"{item_text(e)}, {float(e['rating']):.1f}" for e in entries]
 
 
+def _prior(count: Any, mean: Any, line: str, none: str) -> str:
+    known = count is not None and count == count and int(count) > 0 and mean is not None and mean == mean
+    return line.format(count=int(count), mean=float(mean)) if known else none
+
+
 def render_user_message(sketch: dict[str, Any], candidate: dict[str, Any], variant: str,
-                        theta: float) -> str:
+                        theta: float, priors: bool = False) -> str:
     """The user turn. sketch: a SKETCHES/EXAMPLE_SKETCHES row as a dict (liked and
-    disliked: entries with "name"; recent: entries with title, genres, rating);
-    the raw variant reads sketch["history"] instead (same entry shape, oldest first).
-    candidate: title and genres."""
+    disliked: entries with "name"; recent: entries with title, genres, rating;
+    n_history and user_mean for the priors); the raw variant reads sketch["history"]
+    instead (same entry shape, oldest first). candidate: title and genres
+    (item_count and item_mean for the priors)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown prompt variant {variant!r}; use one of {', '.join(VARIANTS)}")
     sections = []
@@ -94,18 +111,23 @@ def render_user_message(sketch: dict[str, Any], candidate: dict[str, Any], varia
     if entries is not None and len(entries):
         sections.append("\n".join([RAW_HEADER if variant == "raw" else RECENT_HEADER,
                                    *_rating_lines(entries)]))
-    sections.append(CANDIDATE_LINE.format(item=item_text(candidate)) + "\n" + QUESTION)
+    candidate_lines = [QUESTION, CANDIDATE_LINE.format(item=item_text(candidate))]
+    if priors:
+        sections.append(_prior(sketch.get("n_history"), sketch.get("user_mean"), USER_PRIOR, USER_PRIOR_NONE))
+        candidate_lines.append(_prior(candidate.get("item_count"), candidate.get("item_mean"),
+                                      ITEM_PRIOR, ITEM_PRIOR_NONE))
+    sections.append("\n".join(candidate_lines))
     return SECTION_SEP.join(sections)
 
 
 def render_prompt(tokenizer, sketch: dict[str, Any], candidate: dict[str, Any], variant: str,
-                  mode: str, theta: float) -> str:
+                  mode: str, theta: float, priors: bool = False) -> str:
     """The full prompt text: chat template with the generation prompt, plus the
     answer-only suffix in answer_only mode."""
     if mode not in MODES:
         raise ValueError(f"unknown prompt mode {mode!r}; use one of {', '.join(MODES)}")
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": render_user_message(sketch, candidate, variant, theta)}]
+                {"role": "user", "content": render_user_message(sketch, candidate, variant, theta, priors)}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + ANSWER_ONLY_SUFFIX if mode == "answer_only" else text
 
@@ -145,7 +167,7 @@ def _with_history(frame: DataFrame, history: DataFrame, items: DataFrame, keep_l
 
 
 def _make_render_fn(tokenizer_path: str, variants: list[str], modes: list[str],
-                    theta: float) -> Callable[[Iterator], Iterator]:
+                    theta: float, priors: bool) -> Callable[[Iterator], Iterator]:
     def render(batches):
         import pandas as pd
 
@@ -160,11 +182,13 @@ def _make_render_fn(tokenizer_path: str, variants: list[str], modes: list[str],
             out = {name: [] for name in schemas.PROMPTS.names}
             for rec in pdf.to_dict("records"):
                 sketch = {"liked": rec["liked"], "disliked": rec["disliked"], "recent": rec["recent"],
-                          "history": rec["_history"]}
-                candidate = {"title": rec["_cand_title"], "genres": rec["_cand_genres"]}
+                          "history": rec["_history"], "n_history": rec["n_history"],
+                          "user_mean": rec["user_mean"]}
+                candidate = {"title": rec["_cand_title"], "genres": rec["_cand_genres"],
+                             "item_count": rec["item_count"], "item_mean": rec["item_mean"]}
                 label = None if pd.isna(rec["label"]) else float(rec["label"])
                 for variant in variants:
-                    cot = render_prompt(tokenizer, sketch, candidate, variant, "cot", theta)
+                    cot = render_prompt(tokenizer, sketch, candidate, variant, "cot", theta, priors)
                     for mode in modes:
                         out["prompt"].append(cot + ANSWER_ONLY_SUFFIX if mode == "answer_only" else cot)
                         for key, value in (("user_id", rec["user_id"]), ("item_id", rec["item_id"]),
@@ -194,9 +218,15 @@ def build_prompts(pairs: DataFrame, items: DataFrame, cfg: PromptsConfig, theta:
         frame = _with_history(frame, history, items, cfg.raw_history_max)
     else:
         frame = frame.withColumn("_history", F.lit(None).cast(T.ArrayType(_ENTRY)))
+    for name, kind in (("n_history", "long"), ("user_mean", "double"), ("item_count", "long"),
+                       ("item_mean", "double")):
+        if name not in frame.columns:  # priors are optional inputs: absent = unknown
+            frame = frame.withColumn(name, F.lit(None).cast(kind))
     frame = (frame.select("user_id", "item_id", "split", F.col("label").cast("double").alias("label"),
-                          "liked", "disliked", "recent", "_history", "_cand_title", "_cand_genres")
+                          "liked", "disliked", "recent", "_history", "_cand_title", "_cand_genres",
+                          "n_history", "user_mean", "item_count", "item_mean")
              .repartition("user_id").sortWithinPartitions("user_id", "item_id"))
     # Resolved on the driver so a missing model folder fails before any task starts.
-    render = _make_render_fn(assets.resolve_llm(cfg.tokenizer), list(cfg.variants), list(cfg.modes), theta)
+    render = _make_render_fn(assets.resolve_llm(cfg.tokenizer), list(cfg.variants), list(cfg.modes), theta,
+                             cfg.priors)
     return frame.mapInPandas(render, schemas.PROMPTS)

@@ -37,10 +37,12 @@ SCORED_COLUMNS = ["rating", "rating_median", "rating_argmax", "probs", "prompt_t
 
 
 def candidate_pairs(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame]:
+    from siren_batch.sketches import item_priors
+
     """(pairs with sketch columns, history) for the configured candidates.
 
     pairs: user_id, item_id, split, label, ts (null for nightly), sketch body,
-    plus `error` for pairs that cannot be prompted (unknown user or item)."""
+    the item's as-of prior (item_count, item_mean), plus `error` for pairs that cannot be prompted (unknown user or item)."""
     history = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
     items = read_table(spark, cfg, "items", schemas.ITEMS).select("item_id")
     source = cfg.score.candidates
@@ -59,6 +61,8 @@ def candidate_pairs(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFr
     known_item = items.withColumn("_item_known", F.lit(True))
     pairs = (cands.join(sketch, on="user_id", how="left")
              .join(known_item, on="item_id", how="left")
+             .join(item_priors(history), on="item_id", how="left")
+             .withColumn("item_count", F.coalesce("item_count", F.lit(0)))
              .withColumn("error", F.when(F.col("n_history").isNull(), F.lit("unknown_user"))
                          .when(F.col("_item_known").isNull(), F.lit("unknown_item")))
              .withColumn("split", F.lit("candidates"))

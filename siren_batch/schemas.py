@@ -69,6 +69,7 @@ _SKETCH_BODY = [
     T.StructField("liked", T.ArrayType(TOPIC_STAT, False), False),
     T.StructField("disliked", T.ArrayType(TOPIC_STAT, False), False),
     T.StructField("recent", T.ArrayType(RECENT, False), False),  # oldest first
+    T.StructField("user_mean", T.DoubleType(), True),   # mean of the same history's ratings; null when empty
 ]
 
 # Serving sketches: one per user, as of the end of the history.
@@ -87,6 +88,16 @@ EXAMPLE_SKETCHES = T.StructType([
     T.StructField("label", T.DoubleType(), False),
     T.StructField("split", T.StringType(), False),
     *_SKETCH_BODY,
+    # As-of item prior: the target item's ratings (any user) with a strictly earlier ts.
+    T.StructField("item_count", T.LongType(), False),
+    T.StructField("item_mean", T.DoubleType(), True),   # null when item_count = 0
+])
+
+# As-of item priors for nightly candidates: every item's ratings up to the end of history.
+ITEM_PRIORS = T.StructType([
+    T.StructField("item_id", T.StringType(), False),
+    T.StructField("item_count", T.LongType(), False),
+    T.StructField("item_mean", T.DoubleType(), True),
 ])
 
 # ---- build_prompts -------------------------------------------------------------

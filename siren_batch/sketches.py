@@ -59,7 +59,7 @@ def _enriched(interactions: DataFrame, items: DataFrame, item_topics: DataFrame)
 
 def _aggregates(topic_ids: list[int], cfg: SketchesConfig) -> list[tuple[str, Column]]:
     """(column name, aggregate) pairs, usable over a window or in a groupBy."""
-    aggs = [("n_history", F.count(F.lit(1)))]
+    aggs = [("n_history", F.count(F.lit(1))), ("_rating_sum", F.sum("rating"))]
     for i, k in enumerate(topic_ids):
         in_k = F.col("topic_id") == F.lit(k)
         aggs.append((f"_n{i}", F.count(F.when(in_k, True))))
@@ -110,6 +110,18 @@ def _body(topics: list[tuple[int, str]], cfg: SketchesConfig) -> list[Column]:
             _sorted(disliked, ascending_mean=True).alias("disliked")]
 
 
+def _user_mean() -> Column:
+    return F.when(F.col("n_history") > 0, F.col("_rating_sum") / F.col("n_history")).alias("user_mean")
+
+
+def item_priors(interactions: DataFrame) -> DataFrame:
+    """schemas.ITEM_PRIORS: each item's rating count and mean over all the given
+    interactions (as of the end of history: the prior a nightly candidate sees)."""
+    out = interactions.groupBy("item_id").agg(F.count(F.lit(1)).alias("item_count"),
+                                             F.avg("rating").alias("item_mean"))
+    return conform(out, schemas.ITEM_PRIORS)
+
+
 def _recent_entry() -> Column:
     # ts and item_id lead so that sort_array orders entries oldest first, deterministically.
     return F.struct("ts", "item_id", "title", "genres", "rating")
@@ -141,6 +153,10 @@ def example_sketches(interactions: DataFrame, items: DataFrame, item_topics: Dat
                .rangeBetween(Window.unboundedPreceding, -1))  # strictly smaller ts
     aggs = _aggregates([k for k, _ in topic_list], cfg)
     rows = rows.select("*", *[agg.over(earlier).alias(name) for name, agg in aggs])
+    item_earlier = (Window.partitionBy("item_id").orderBy("ts")
+                    .rangeBetween(Window.unboundedPreceding, -1))  # the item's strictly earlier ratings
+    rows = rows.select("*", F.count(F.lit(1)).over(item_earlier).alias("item_count"),
+                       F.avg("rating").over(item_earlier).alias("item_mean"))
 
     if cfg.recent_n > 0:
         before_row = (Window.partitionBy("user_id").orderBy("ts", "item_id", "rating")
@@ -155,7 +171,8 @@ def example_sketches(interactions: DataFrame, items: DataFrame, item_topics: Dat
 
     targets = (rows.where(F.col("split").isin(*cfg.example_splits))
                .select("user_id", "item_id", "ts", F.col("rating").alias("label"), "split", "n_history",
-                       *_body(topic_list, cfg), recent.alias("recent")))
+                       *_body(topic_list, cfg), recent.alias("recent"), _user_mean(),
+                       "item_count", "item_mean"))
     return conform(targets, schemas.EXAMPLE_SKETCHES)
 
 
@@ -176,5 +193,5 @@ def serving_sketches(interactions: DataFrame, items: DataFrame, item_topics: Dat
     else:
         recent = F.array().cast(_RECENT_ARRAY)
     out = per_user.select("user_id", "as_of_ts", "n_history", *_body(topic_list, cfg),
-                          recent.alias("recent"))
+                          recent.alias("recent"), _user_mean())
     return conform(out, schemas.SKETCHES)

@@ -21,7 +21,7 @@ def _warehouse(spark, cfg):
                                        ("e1", "test", "baseline:bias", "all", "rmse", 1.0, 2)],
                                       schemas.METRICS), cfg, "metrics", schemas.METRICS)
     liked = [(0, "space opera", 3, 4.5)]
-    write_table(spark.createDataFrame([("u1", 10, 3, liked, liked, [], [])], schemas.SKETCHES),
+    write_table(spark.createDataFrame([("u1", 10, 3, liked, liked, [], [], 4.0)], schemas.SKETCHES),
                 cfg, "sketches", schemas.SKETCHES)
     append_run(spark, cfg, RunRecord(stage="score", input_rows=3, output_rows=3))
 

@@ -33,10 +33,10 @@ def test_sketch_message_has_sections_in_order():
     text = P.render_user_message(SKETCH, CANDIDATE, "sketch", theta=4.0)
     marks = ["topics (ratings ≥ 4):\n- space opera", "topics (ratings < 4):\n- courtroom drama",
              P.RECENT_HEADER + "\nAlien, Horror|Sci-Fi, 5.0\nHeat, 3.0",
-             "The candidate is described as: Dune, Sci-Fi\n" + P.QUESTION]
+             P.QUESTION + "\nThe candidate is described as: Dune, Sci-Fi"]
     positions = [text.find(m) for m in marks]
     assert -1 not in positions and positions == sorted(positions)
-    assert text.endswith(P.QUESTION)
+    assert text.endswith("The candidate is described as: Dune, Sci-Fi")  # fixed text comes first
 
 
 def test_empty_sections_are_left_out_and_theta_is_rendered():
@@ -45,7 +45,21 @@ def test_empty_sections_are_left_out_and_theta_is_rendered():
     assert text.startswith("The user shows dislike for the following topics (ratings < 3.5):")
     cold = P.render_user_message({"liked": [], "disliked": [], "recent": []}, {"title": "Dune", "genres": None},
                                  "sketch", 4.0)
-    assert cold == "The candidate is described as: Dune\n" + P.QUESTION
+    assert cold == P.QUESTION + "\nThe candidate is described as: Dune"
+
+
+def test_priors_are_optional_lines_in_the_user_and_candidate_parts():
+    sketch = {**SKETCH, "n_history": 12, "user_mean": 3.25}
+    candidate = {**CANDIDATE, "item_count": 40, "item_mean": 4.125}
+    plain = P.render_user_message(sketch, candidate, "sketch", 4.0)
+    text = P.render_user_message(sketch, candidate, "sketch", 4.0, priors=True)
+    assert "3.25" not in plain and "average" not in plain
+    user_line = "The user has rated 12 items before, 3.25 on average."
+    assert text.index("Heat, 3.0") < text.index(user_line) < text.index(P.QUESTION)
+    assert text.endswith("Dune, Sci-Fi\nEarlier ratings of this item: 40, 4.12 on average.")
+    cold = P.render_user_message({**SKETCH, "n_history": 0, "user_mean": None},
+                                 {**CANDIDATE, "item_count": 0, "item_mean": float("nan")}, "sketch", 4.0, True)
+    assert P.USER_PRIOR_NONE in cold and cold.endswith(P.ITEM_PRIOR_NONE)
 
 
 def test_recent_and_raw_variants_have_no_topics():
@@ -81,10 +95,11 @@ def _stat(k, name, mean):
 
 def _pairs(spark, with_ts=True):
     recent_u1 = [("a", "Alien", "Horror|Sci-Fi", 5.0, 10), ("b", "Heat", None, 3.0, 20)]
-    rows = [  # (user, item, ts, label, split, n_history, stats, liked, disliked, recent)
-        ("u1", "c1", 30, 4.0, "test", 2, [], [_stat(0, "space opera", 5.0)], [], recent_u1),
-        ("u1", "c2", 30, 2.0, "test", 2, [], [_stat(0, "space opera", 5.0)], [], recent_u1),
-        ("u2", "c1", 15, 5.0, "valid", 0, [], [], [], []),
+    rows = [  # (user, item, ts, label, split, n_history, stats, liked, disliked, recent, user_mean,
+              #  item_count, item_mean)
+        ("u1", "c1", 30, 4.0, "test", 2, [], [_stat(0, "space opera", 5.0)], [], recent_u1, 4.0, 1, 5.0),
+        ("u1", "c2", 30, 2.0, "test", 2, [], [_stat(0, "space opera", 5.0)], [], recent_u1, 4.0, 0, None),
+        ("u2", "c1", 15, 5.0, "valid", 0, [], [], [], [], None, 0, None),
     ]
     return spark.createDataFrame(rows, schemas.EXAMPLE_SKETCHES)
 
@@ -108,9 +123,18 @@ def test_build_prompts_counts_tokens_and_groups_users(spark, tokenizer):
     first, second = by_key[("u1", "c1", "sketch", "answer_only")], by_key[("u1", "c2", "sketch", "answer_only")]
     assert (first.label, first.split) == (4.0, "test")
     shared = os.path.commonprefix([first.prompt, second.prompt])
-    assert shared.endswith("The candidate is described as: ")  # everything user-specific is shared
+    assert shared.endswith("The candidate is described as: ")  # everything but the candidate is shared
     assert "- space opera" in shared and "Heat, 3.0" in shared
     assert "preference" not in by_key[("u1", "c1", "recent", "cot")].prompt
+
+
+def test_build_prompts_with_priors(spark):
+    cfg = PromptsConfig(priors=True)
+    out = {(r.user_id, r.item_id): r.prompt for r in P.build_prompts(_pairs(spark), _items(spark), cfg, 4.0).collect()}
+    assert "The user has rated 2 items before, 4.00 on average." in out[("u1", "c1")]
+    assert "Dune, Sci-Fi\nEarlier ratings of this item: 1, 5.00 on average." in out[("u1", "c1")]
+    assert "Clue, Comedy|Mystery\n" + P.ITEM_PRIOR_NONE in out[("u1", "c2")]
+    assert P.USER_PRIOR_NONE in out[("u2", "c1")]
 
 
 def test_candidate_pairs_without_label(spark):

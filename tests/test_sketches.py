@@ -68,6 +68,30 @@ def test_example_sketch_sees_only_strictly_earlier_rows(spark):
         assert all(r.ts < row.ts for r in row.recent)
 
 
+def test_priors_use_only_strictly_earlier_ratings(spark):
+    # i2 is rated by three users: u2 at 150 (4), u3 at 200 (2, the same ts as u1's target), u1 at 200 (3).
+    rows = TIMELINE + [("u2", "i2", 4, 150, "train"), ("u3", "i2", 2, 200, "train"), ("u3", "i1", 1, 50, "train")]
+    out = {(r.user_id, r.item_id): r for r in
+           example_sketches(*_frames(spark, rows, TOPIC_OF), SketchesConfig(recent_n=3)).collect()}
+    # item priors: i2 as of ts 200 sees only u2's 4 (u3's same-second 2 and u1's own 3 are excluded)
+    assert (out[("u1", "i2")].item_count, out[("u1", "i2")].item_mean) == (1, 4.0)
+    assert (out[("u2", "i2")].item_count, out[("u2", "i2")].item_mean) == (0, None)
+    assert (out[("u1", "i1")].item_count, out[("u1", "i1")].item_mean) == (1, 1.0)   # u3's 1 at ts 50
+    # user priors: u1's mean before the valid target = (5 + 3 + 2 + 4) / 4, before the first one: none
+    assert (out[("u1", "i5")].n_history, out[("u1", "i5")].user_mean) == (4, 3.5)
+    assert out[("u1", "i1")].user_mean is None
+    serving = {r.user_id: r for r in serving_sketches(*_frames(spark, rows, TOPIC_OF), SketchesConfig()).collect()}
+    assert serving["u1"].user_mean == pytest.approx(23 / 6)
+
+
+def test_item_priors_cover_all_history(spark):
+    from siren_batch.sketches import item_priors
+
+    inter = _frames(spark, TIMELINE + [("u2", "i1", 1, 50, "train")], TOPIC_OF)[0]
+    out = {r.item_id: (r.item_count, r.item_mean) for r in item_priors(inter).collect()}
+    assert out["i1"] == (2, 3.0) and out["i6"] == (1, 5.0)
+
+
 def test_recent_carries_title_genres_rating(spark):
     out = _by_item(example_sketches(*_frames(spark, TIMELINE, TOPIC_OF), SketchesConfig(recent_n=10)))
     first, second = out["i3"].recent
