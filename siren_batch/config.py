@@ -243,6 +243,9 @@ class TrainConfig:
     eval_every: int = 50              # optimizer steps between valid evaluations
     patience: int = 3                 # evaluations without improvement before early stopping
     checkpoint_every: int = 25        # optimizer steps between checkpoints
+    eval_at_start: bool = True        # evaluate the untrained model first (the curve's step 0)
+    max_grad_norm: float = 1.0        # gradient clipping; 0 = off
+    progress_every_s: float = 30.0    # seconds between progress log lines
     device: str = "auto"              # auto | cpu | cuda
     dtype: str = "auto"               # auto (bf16 autocast on GPU and on CPUs with bf16) | float32 | bfloat16
     torch_threads: int = 0            # CPU: torch intra-op threads; 0 = torch default
@@ -261,6 +264,10 @@ class TrainConfig:
         _require(self.eval_every > 0 and self.checkpoint_every > 0 and self.patience > 0,
                  "train.eval_every, train.checkpoint_every and train.patience must be > 0")
         _require(self.method == "full" or bool(self.lora_targets), "train.lora_targets needs at least one module")
+        _require(self.valid_examples is None or self.valid_examples >= 0,
+                 "train.valid_examples must be >= 0 (0 = no validation) or null (all)")
+        _require(self.max_seq_len > 0 and self.max_grad_norm >= 0 and self.warmup_steps >= 0,
+                 "train.max_seq_len must be > 0, train.max_grad_norm and train.warmup_steps >= 0")
 
 
 @dataclass

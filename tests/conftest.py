@@ -34,3 +34,36 @@ def shared_movies() -> Path:
     if not (SHARED_MOVIES / "train.jsonl.gz").exists():
         pytest.skip(f"siren-movies data not found at {SHARED_MOVIES} (../shared is absent)")
     return SHARED_MOVIES
+
+
+# A tiny random Llama (2 layers, hidden 32) with its own byte-level BPE tokenizer and a
+# chat template, built in-test so model tests run in seconds and never touch a hub.
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<pad>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"])
+    corpus = ["The user likes drama and thriller topics, rated 4 and 5.",
+              "Recent ratings: Heat, Crime|Drama, 5\nAlien, Horror|Sci-Fi, 2", "<think>\n</think>\n<answer>3</answer>"]
+    bpe.train_from_iterator(corpus * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.3, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

@@ -21,36 +21,7 @@ from siren_batch.scoring import SCORED_COLUMNS, make_predict_fn, score_frame
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 SUFFIX = "\n<think>\n</think>\n<answer>"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<pad>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"])
-    corpus = ["The user likes drama and thriller topics, rated 4 and 5.",
-              "Recent ratings: Heat, Crime|Drama, 5\nAlien, Horror|Sci-Fi, 2", "<think>\n</think>\n<answer>3</answer>"]
-    bpe.train_from_iterator(corpus * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.3, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
 
 
 def _cfg(folder, **kw) -> ScoreConfig:

@@ -1,0 +1,115 @@
+"""The model side of training: device and precision, LoRA or full, and the
+forward pass that yields the logits over the rating scale at each answer position.
+
+Only the rating tokens' logits are computed: the decoder runs over the batch,
+the final hidden state is gathered at each example's answer position, and the
+output head is applied to those rows only (a full-vocabulary head over every
+position of a 4k-token packed row would cost ~0.8 GB per row for SmolLM2's
+49k vocabulary). This assumes logits = lm_head(final hidden state), true for the
+Llama/Qwen/Mistral families (not for models with logit soft-capping).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from siren_batch.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matmul instructions (avx512_bf16 or AMX). Without them
+    torch emulates bf16 on CPU, which is slower than fp32 (Linux /proc/cpuinfo flags;
+    other systems: False)."""
+    import torch
+
+    if "AMX" in torch.backends.cpu.get_cpu_capability().upper():
+        return True
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags.split() or "amx_bf16" in flags.split()
+
+
+def use_bf16(dtype: str, device: str) -> bool:
+    """bf16 autocast: dtype=bfloat16, or dtype=auto on CUDA and on CPUs with native bf16.
+    Master weights, optimizer state and the loss stay fp32 either way."""
+    if dtype == "bfloat16":
+        return True
+    if dtype == "float32":
+        return False
+    return device == "cuda" or cpu_has_native_bf16()
+
+
+def autocast(device: str, bf16: bool):
+    import torch
+
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+                          dtype=torch.bfloat16, enabled=bf16)
+
+
+def build_model(cfg: TrainConfig, path: str, device: str):
+    """fp32 model with LoRA adapters on cfg.lora_targets (only they train), or every
+    weight trainable (method=full)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)   # LoRA A matrices are drawn here: same seed, same start
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    model.config.use_cache = False
+    return model.to(device).train()
+
+
+def trainable_params(model) -> dict:
+    """name -> parameter for every parameter that trains, in a stable order."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def core_model(model):
+    """The transformers model under a peft wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def mask_kind(model) -> str | None:
+    """How a packed batch's 4D mask must be given: bool for SDPA, additive for eager;
+    None when the attention implementation takes no custom 4D mask (packing off)."""
+    impl = getattr(core_model(model).config, "_attn_implementation", "eager") or "eager"
+    return {"sdpa": "bool", "eager": "additive"}.get(impl)
+
+
+def rating_logits(model, batch, rating_ids: list[int]):
+    """Logits over the rating scale [n, 5] at each example's answer position (batch order)."""
+    core = core_model(model)
+    hidden = core.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    picked = hidden[batch.gather_row, batch.gather_col]
+    return core.get_output_embeddings()(picked)[:, rating_ids]
+
+
+def save_model(model, tokenizer, folder: Path, method: str) -> None:
+    """LoRA: the adapter only (peft format, `score.adapter=<folder>`); full: a plain HF
+    folder with the tokenizer (`score.model=<folder>`)."""
+    model.save_pretrained(folder)
+    if method == "full":
+        tokenizer.save_pretrained(folder)

@@ -1,0 +1,220 @@
+"""Answer-only fine-tuning: what trains, that it learns, resume, packing, padding, export.
+
+Runs on the tiny random Llama of conftest.tiny_model (2 layers, hidden 32) on CPU in
+fp32, so each test takes a second or two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from siren_batch.config import ScoreConfig, TrainConfig
+from siren_batch.train import batching, objective
+from siren_batch.train import model as M
+from siren_batch.train.sft import encode, train
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SUFFIX = "\n<think>\n</think>\n<answer>"
+GENRES = {"Drama": 5.0, "Horror": 1.0, "Comedy": 4.0, "Western": 2.0}   # the learnable rule
+
+
+def _prompt(tok, user: int, item: str, pad: str = "") -> str:
+    content = f"User {user} likes drama{pad}. Recent: Heat, {user % 5 + 1}\nCandidate: {item}\nRating?"
+    messages = [{"role": "system", "content": "Rate 1-5."}, {"role": "user", "content": content}]
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + SUFFIX
+
+
+def _rows(tok, users: int = 4, per_user: int = 4) -> pd.DataFrame:
+    rows = []
+    for u in range(users):
+        for k in range(per_user):
+            genre = list(GENRES)[(u + k) % len(GENRES)]
+            rows.append({"user_id": f"u{u}", "item_id": f"i{k}", "prompt": _prompt(tok, u, f"Film {k}, {genre}"),
+                         "label": GENRES[genre], "base": 2.5 + 0.5 * (k % 3)})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def _cfg(tiny_model, **kw) -> TrainConfig:
+    base = dict(base_model=str(tiny_model), device="cpu", dtype="float32", batch_size=4, lr=1e-2,
+                warmup_steps=0, epochs=1.0, eval_every=1000, checkpoint_every=1000, eval_at_start=False,
+                max_seq_len=128, progress_every_s=0.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _run(tiny_model, tok, tmp_path, **kw):
+    """An SFTRun that trained on 16 rows; returns (run, parameters before training)."""
+    from siren_batch.train.loop import SFTRun
+
+    rows = _rows(tok)
+    run = SFTRun(rows, rows.iloc[:4], _cfg(tiny_model, **kw), tmp_path, {}, [])
+    before = _snapshot(run.model)
+    run.run()
+    return run, before
+
+
+# ---- what trains ------------------------------------------------------------------
+
+def test_lora_trains_only_lora_weights_of_the_target_modules(tiny_model, tok, tmp_path):
+    run, before = _run(tiny_model, tok, tmp_path, method="lora", lora_targets=["k_proj", "v_proj"], epochs=2.0)
+    after = _snapshot(run.model)
+    changed = {n for n in before if not np.array_equal(before[n].numpy(), after[n].numpy())}
+    trainable = set(M.trainable_params(run.model))
+    assert trainable == {n for n in before if "lora_" in n}
+    assert all(("k_proj" in n or "v_proj" in n) for n in trainable) and len(trainable) == 2 * 2 * 2  # A, B x k, v x 2 layers
+    assert changed == trainable                       # every LoRA matrix moved (B first, then A), nothing else
+
+
+def test_full_finetuning_trains_every_weight(tiny_model, tok, tmp_path):
+    run, before = _run(tiny_model, tok, tmp_path, method="full", lr=1e-3, epochs=2.0)
+    after = _snapshot(run.model)
+    assert set(M.trainable_params(run.model)) == set(before)
+    assert all(not np.array_equal(before[n].numpy(), after[n].numpy()) for n in before)
+
+
+def test_loss_falls_on_a_learnable_task(tiny_model, tok, tmp_path):
+    rows = _rows(tok, users=8)
+    summary = train(rows, rows.iloc[:8], _cfg(tiny_model, epochs=4.0, lr=2e-2, loss="ce", eval_every=4, patience=100),
+                    tmp_path, meta={"dataset": "tiny"})
+    losses = [loss for _, loss in summary["train_loss_by_step"]]
+    assert len(losses) == 32 and np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])
+    curve = summary["curve"]
+    assert curve[-1]["valid_rmse"] < curve[0]["valid_rmse"] and curve[-1]["examples_seen"] == 128
+    assert (tmp_path / "best" / "adapter_config.json").exists()
+    meta = json.loads((tmp_path / "training_meta.json").read_text())
+    assert meta["target"] == "rating" and meta["dataset"] == "tiny" and meta["status"] == "done"
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse", "both"])
+@pytest.mark.parametrize("target", ["rating", "residual"])
+def test_every_loss_and_target_runs(tiny_model, tok, tmp_path, loss, target):
+    rows = _rows(tok, users=2)
+    summary = train(rows, rows, _cfg(tiny_model, loss=loss, target=target, eval_at_start=True), tmp_path)
+    assert summary["status"] == "done" and len(summary["train_loss_by_step"]) == 2
+    assert all(np.isfinite(loss_) for _, loss_ in summary["train_loss_by_step"])
+    assert summary["best"]["valid_rmse"] >= 0 and summary["curve"][0]["step"] == 0
+
+
+def test_residual_metrics_add_the_base_back():
+    logits = np.log([[0.0001, 0.0001, 0.9996, 0.0001, 0.0001]])   # E[r] ~ 3: "no change from base"
+    m = objective.valid_metrics(logits, [4.0], [3.75], "residual")
+    assert m["mae"] == pytest.approx(0.25, abs=1e-3)
+    _, pred = objective.predictions(np.log([[0.01, 0.01, 0.01, 0.01, 0.96]]), [4.5], "residual")
+    assert pred[0] == 5.0                                           # 4.5 + ~1.9 clipped to the scale
+    assert objective.two_hot(objective.model_targets([1.0], [4.5], "residual"))[0].tolist() == [1, 0, 0, 0, 0]
+
+
+# ---- resume -------------------------------------------------------------------------
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_state(tiny_model, tok, tmp_path):
+    from siren_batch.train.loop import SFTRun
+
+    rows = _rows(tok)
+    cfg = _cfg(tiny_model, epochs=2.0, checkpoint_every=3, eval_every=2, lora_dropout=0.1)  # dropout: RNG matters
+
+    def final(run_dir, callbacks=()):
+        run = SFTRun(rows, rows.iloc[:4], cfg, run_dir, {}, list(callbacks))
+        out = run.run()
+        return {n: p.detach().clone() for n, p in M.trainable_params(run.model).items()}, out
+
+    straight, straight_out = final(tmp_path / "a")
+
+    def kill(step, state):
+        if step == 5:   # after the checkpoint at step 3: steps 4-5 are redone on resume
+            raise Killed("simulated crash")
+    with pytest.raises(Killed):
+        final(tmp_path / "b", [kill])
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 3
+    resumed, resumed_out = final(tmp_path / "b")
+    assert all(np.array_equal(straight[n].numpy(), resumed[n].numpy()) for n in straight)
+    assert resumed_out["train_loss_by_step"] == straight_out["train_loss_by_step"]
+    assert [c["valid_rmse"] for c in resumed_out["curve"]] == [c["valid_rmse"] for c in straight_out["curve"]]
+    again, _ = final(tmp_path / "b")                      # a finished run is left as it is
+    assert all(np.array_equal(again[n].numpy(), resumed[n].numpy()) for n in again)
+    with pytest.raises(ValueError, match="other options or data"):
+        SFTRun(rows, rows.iloc[:4], _cfg(tiny_model, epochs=2.0, checkpoint_every=3, lr=1e-3),
+               tmp_path / "b", {}, []).run()
+
+
+# ---- packing and padding -----------------------------------------------------------
+
+def _model(tiny_model, attn: str = "sdpa"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_give_the_unpacked_logits_and_loss(tiny_model, tok, attn):
+    from siren_batch.backends import rating_token_ids
+
+    model = _model(tiny_model, attn)
+    cfg = _cfg(tiny_model, max_seq_len=128)
+    enc = encode(_rows(tok, users=3), tok, cfg)
+    packed = batching.pack_units(enc.ids, enc.groups, max_suffixes=4, max_row_tokens=256)
+    single = batching.single_units(enc.ids)
+    assert len(packed) == 3 and all(len(u.rows) == 4 and len(u.prefix) > 20 for u in packed)
+    ids = rating_token_ids(tok)
+    kind = M.mask_kind(model)
+    out = {}
+    for name, units in (("packed", packed), ("single", single)):
+        batch = batching.collate(units, tok.pad_token_id, mask_kind=kind)
+        logits = M.rating_logits(model, batch, ids)
+        loss = objective.losses(logits, enc.targets[batch.rows], "both")
+        out[name] = (logits.detach().numpy()[np.argsort(batch.rows)], loss.detach().numpy()[np.argsort(batch.rows)],
+                     batch.tokens)
+    np.testing.assert_allclose(out["packed"][0], out["single"][0], atol=1e-4)
+    np.testing.assert_allclose(out["packed"][1], out["single"][1], atol=1e-4)
+    assert out["packed"][2] < 0.6 * out["single"][2]          # the shared prefix runs once per user
+
+
+def test_right_padding_of_very_different_lengths_keeps_gradients_finite(tiny_model, tok):
+    import torch
+    from siren_batch.backends import rating_token_ids
+
+    model = _model(tiny_model).train()
+    short = tok("<|assistant|>\n" + SUFFIX, add_special_tokens=False)["input_ids"]
+    long_ = tok(_prompt(tok, 1, "Film 1, Drama", pad=", drama" * 20), add_special_tokens=False)["input_ids"]
+    assert len(short) < 16 and len(long_) > 100
+    ids = rating_token_ids(tok)
+    batch = batching.collate(batching.single_units([short, long_, short]), tok.pad_token_id)
+    assert batch.attention_mask.shape == (3, len(long_)) and int(batch.attention_mask[0].sum()) == len(short)
+    logits = M.rating_logits(model, batch, ids)
+    objective.losses(logits, np.array([5.0, 1.0, 3.0]), "both").sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    alone = M.rating_logits(model, batching.collate(batching.single_units([short]), tok.pad_token_id), ids)
+    np.testing.assert_allclose(logits[0].detach().numpy(), alone[0].detach().numpy(), atol=1e-5)
+
+
+def test_pack_units_respects_the_limits():
+    ids = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7], [1, 2, 3, 4, 5, 8], [1, 2, 9, 9, 9, 9], [1, 2, 3, 4, 5, 6]]
+    units = batching.pack_units(ids, ["u", "u", "u", "u", "v"], max_suffixes=2, max_row_tokens=64)
+    assert sorted(sorted(u.rows) for u in units) == [[0, 1], [2], [3], [4]]
+    whole = [u for u in units if len(u.rows) == 2][0]
+    assert whole.prefix == [1, 2, 3, 4, 5] and whole.suffixes == [[6], [7]]
+    assert batching.micro_batches([0, 1, 2, 3], units, 2) == [[0], [1, 2], [3]]
+    assert len(batching.pack_units(ids[:3], ["u"] * 3, max_suffixes=8, max_row_tokens=7)) == 2   # 5 + 1 + 1 tokens
+    assert len(batching.pack_units(ids[:3], ["u"] * 3, max_suffixes=8, max_row_tokens=6)) == 3
