@@ -144,7 +144,7 @@ def _rmse(pred: DataFrame, truth: DataFrame) -> float:
                  .agg(F.sqrt(F.avg(err * err))).first()[0])
 
 
-def _with_base(interactions: DataFrame, split: str, cfg: EvaluateConfig,
+def with_base(interactions: DataFrame, split: str, cfg: EvaluateConfig,
                bias: tuple | None = None) -> tuple[DataFrame, DataFrame]:
     """Fit rows and target pairs of `split`, each with `base` = the bias prediction
     (`bias` = fit_bias of the split's fit data when the caller already has it)."""
@@ -157,7 +157,7 @@ def _with_base(interactions: DataFrame, split: str, cfg: EvaluateConfig,
 def tune_als(interactions: DataFrame, cfg: EvaluateConfig) -> tuple[tuple[int, float], DataFrame]:
     """Grid cfg.als_ranks x cfg.als_reg_params, each fit on train and scored (RMSE) on
     valid. Returns the best (rank, reg) and its valid predictions (cached)."""
-    fit, pairs = _with_base(interactions, "valid", cfg)
+    fit, pairs = with_base(interactions, "valid", cfg)
     valid = interactions.filter(F.col("split") == "valid").select(
         "user_id", "item_id", F.col("rating").alias("label"))
     best = None
@@ -201,7 +201,7 @@ def baseline_predictions(interactions: DataFrame, split: str, cfg: EvaluateConfi
     if "als" in cfg.baselines:
         (rank, reg), tuned = tune_als(interactions, cfg)
         # split=valid: the tuning fit already is the fit on train
-        out["als"] = tuned if split == "valid" else als_predict(*_with_base(interactions, split, cfg, bias),
+        out["als"] = tuned if split == "valid" else als_predict(*with_base(interactions, split, cfg, bias),
                                                                 rank, reg, cfg)
     logger.info("baselines for %s (fit on %s): %s", split, "+".join(FIT_SPLITS[split]), ", ".join(cfg.baselines))
     return {name: out[name] for name in cfg.baselines}

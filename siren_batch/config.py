@@ -217,6 +217,26 @@ class EvaluateConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    """`make calibrate`: fit the scorer's log-probs (+ baselines, counts) to the final rating on valid."""
+    enabled: bool = True              # the score stage applies a stored calibrator when one is present
+    run_date: str | None = None       # ratings partition holding the split:valid scores; None = the newest
+    apply_run_date: str | None = None # also fill the calibrated columns of this already scored partition
+    features: list[str] = field(default_factory=lambda: ["llm", "baselines", "counts"])  # llm | baselines | counts
+    folds: int = 5                    # cross-validation folds (hyper-parameters and out-of-fold valid metrics)
+    max_rows: int | None = None       # fit on at most this many valid rows (a hashed sample); None = all
+    path: str | None = None           # where the calibrator lives; None = beside the model (calibration/<dataset>)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.features if f not in ("llm", "baselines", "counts")]
+        _require(bool(self.features) and not bad,
+                 f"calibrate.features has unknown entries {bad}; use llm, baselines, counts")
+        _require(self.folds >= 2, "calibrate.folds must be >= 2")
+        _require(self.max_rows is None or self.max_rows > 0, "calibrate.max_rows must be > 0 or null")
+
+
+@dataclass
 class TrainConfig:
     """Answer-only fine-tuning (siren_batch.train.sft): `make train-sft`."""
     base_model: str = "default"       # model to fine-tune: "default" = the bundled SmolLM2 folder; else path or hub id
@@ -282,14 +302,17 @@ class Config:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
-        """Stable short hash of the resolved config, recorded with every run."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+    def hash(self, *sections: str) -> str:
+        """Stable short hash of the resolved config (or of the named top-level
+        sections only), recorded with every run."""
+        whole = self.to_dict()
+        blob = json.dumps({k: whole[k] for k in sections} if sections else whole, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def table_path(self, table: str) -> str:

@@ -9,6 +9,7 @@ METRICS rows (long format), per segment:
   user_mae, user_rmse  mean over users of each user's MAE / RMSE (n = users with a covered pair)
   coverage             covered / truth pairs (n = truth pairs)
 and in segment "all" only:
+  nll                  mean -log p(true rating) of a system with a distribution (nll_metric)
   extra                predictions for pairs outside the truth; value = n = their count
   out_of_range         covered predictions outside [1, 5]; value = their count, n = covered pairs
 Segments: "all"; "history:<5", "history:5-9", ..., "history:>=50" (the user's
@@ -74,6 +75,38 @@ def join_truth(predictions: DataFrame, interactions: DataFrame, split: str) -> D
     duplicate = (F.coalesce("_n_truth", F.lit(1)) > 1) | (F.coalesce("_n_pred", F.lit(1)) > 1)
     return joined.select(*KEY, F.lit(split).alias("split"), "ts", "label", "rating", "error",
                          status.alias("status"), duplicate.alias("duplicate"))
+
+
+# Readouts of one ratings partition, each judged as its own system: (column, name suffix).
+READOUTS = [("rating", ""), ("rating_median", "/median"), ("rating_argmax", "/argmax")]
+CALIBRATED_READOUTS = [("calibrated_rating", "+calibrated"), ("calibrated_median", "+calibrated/median")]
+LOG_FLOOR = 1e-6  # a probability below this counts as this in the NLL (log 0 = -inf)
+
+
+def llm_systems(ratings: DataFrame, name: str) -> dict[str, DataFrame]:
+    """{system: (user_id, item_id, rating, error)} for every readout of the partition:
+    the expected value (RMSE-optimal), the median (MAE-optimal) and the argmax, and
+    the calibrated point and median when the partition holds calibrated columns."""
+    readouts = list(READOUTS)
+    if "calibrated_rating" in ratings.columns and ratings.where(F.col("calibrated_rating").isNotNull()).limit(1).count():
+        readouts += CALIBRATED_READOUTS
+    return {f"{name}{suffix}": ratings.select(*KEY, F.col(column).alias("rating"), "error")
+            for column, suffix in readouts}
+
+
+def nll_metric(ratings: DataFrame, interactions: DataFrame, split: str, probs: str,
+               system: str, eval_id: str) -> DataFrame:
+    """One METRICS row: mean -log p(true rating) over the split's pairs that have a
+    distribution in column `probs` (probabilities below LOG_FLOOR count as LOG_FLOOR);
+    n = those pairs. Labels off the 1..5 grid are rounded to the nearest point."""
+    truth = interactions.filter(F.col("split") == split).select(*KEY, F.col("rating").alias("label"))
+    index = F.least(F.greatest(F.round("label").cast("int"), F.lit(int(RATING_MIN))), F.lit(int(RATING_MAX)))
+    p_true = F.greatest(F.element_at(probs, index - int(RATING_MIN) + 1), F.lit(LOG_FLOOR))
+    row = (ratings.where(F.col(probs).isNotNull() & F.col("error").isNull())
+           .join(truth, on=KEY, how="inner")
+           .agg(F.avg(-F.log(p_true)).alias("value"), F.count(F.lit(1)).alias("n")).first())
+    return ratings.sparkSession.createDataFrame(
+        [(eval_id, split, system, "all", "nll", row["value"], int(row["n"]))], schemas.METRICS)
 
 
 def history_segment(n_before: Column, edges: list[int]) -> Column:
@@ -208,7 +241,7 @@ def _fmt(value: Any) -> str:
 # ---- Markdown report ----------------------------------------------------------------
 
 MAIN_METRICS = [("mae", "MAE"), ("rmse", "RMSE"), ("user_mae", "user MAE"),
-                ("user_rmse", "user RMSE"), ("coverage", "coverage")]
+                ("user_rmse", "user RMSE"), ("nll", "NLL"), ("coverage", "coverage")]
 SEGMENT_FAMILIES = [("history", "By history length (the user's interactions before the target)"),
                     ("item", "By target item (seen in the train split or not)")]
 

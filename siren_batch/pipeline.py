@@ -142,14 +142,16 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
     """The newest ratings partition and every configured baseline against the
     truth of evaluate.split -> metrics (appended by eval_id) and reports/."""
     from siren_batch.baselines import baseline_predictions
-    from siren_batch.evaluate import PAPER_ROWS, compute_metrics, join_truth, markdown_report
+    from siren_batch.evaluate import (PAPER_ROWS, compute_metrics, join_truth, llm_systems, markdown_report,
+                                      nll_metric)
     from siren_batch.warehouse import table_exists, write_text
 
     with run_record(spark, cfg, "evaluate") as rec:
         interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS).cache()
         run_date, ratings = _latest_ratings(spark, cfg)
         model = ratings.select("model_id").first()
-        systems = {f"llm:{(model.model_id if model else cfg.score.model).rstrip('/').split('/')[-1]}": ratings}
+        llm = f"llm:{(model.model_id if model else cfg.score.model).rstrip('/').split('/')[-1]}"
+        systems = llm_systems(ratings, llm)
         truth = _truth_scope(interactions, ratings, cfg)
         in_scope = truth.where(F.col("split") == cfg.evaluate.split).select("user_id", "item_id")
         # Baselines predict every pair of the split; keep those in scope (all of them by default).
@@ -159,6 +161,9 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
         eval_id = f"{run_date}-{rec.run_id}"
         parts = [compute_metrics(join_truth(preds, truth, cfg.evaluate.split), interactions,
                                  cfg.evaluate, system, eval_id) for system, preds in systems.items()]
+        parts += [nll_metric(ratings, interactions, cfg.evaluate.split, probs, f"{llm}{suffix}", eval_id)
+                  for probs, suffix in (("probs", ""), ("calibrated_probs", "+calibrated"))
+                  if f"{llm}{suffix}" in systems]
         metrics = parts[0]
         for part in parts[1:]:
             metrics = metrics.unionByName(part)
@@ -181,6 +186,13 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
             "overall": overall}
 
 
+def calibrate(spark: SparkSession, cfg: Config) -> dict:
+    """Fit the calibrator on the valid scores of calibrate.run_date (siren_batch.calibration)."""
+    from siren_batch.calibration import calibrate as fit_and_store
+
+    return fit_and_store(spark, cfg)
+
+
 def prepare_model(spark: SparkSession | None, cfg: Config) -> dict:
     from siren_batch.assets import convert_smollm2
 
@@ -195,6 +207,7 @@ STAGES: dict[str, Callable[[SparkSession, Config], dict]] = {
     "prompts": prompts,
     "score": score,
     "evaluate": evaluate,
+    "calibrate": calibrate,
 }
 SKETCH_CHAIN = ["ingest", "embed", "topics", "sketches", "prompts"]
 FULL_CHAIN = [*SKETCH_CHAIN, "score", "evaluate"]

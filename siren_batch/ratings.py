@@ -131,18 +131,25 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
     return summary
 
 
+# What the committed chunks depend on: a change elsewhere (training, evaluation) keeps them.
+SCORING_SECTIONS = ("dataset", "warehouse", "data", "embed", "topics", "sketches", "prompts", "score")
+
+
 def _check_staging(spark: SparkSession, staging: str, cfg: Config) -> None:
-    """Resume only a run with the same config; otherwise start clean."""
+    """Resume only a run with the same scoring config; otherwise start clean."""
     marker = f"{staging}/_config_hash"
-    if path_exists(spark, marker) and read_text(spark, marker).strip() != cfg.hash():
+    digest = cfg.hash(*SCORING_SECTIONS)
+    if path_exists(spark, marker) and read_text(spark, marker).strip() != digest:
         logger.warning("staging at %s is from another config: discarding it", staging)
         delete_path(spark, staging)
     if not path_exists(spark, marker):
-        write_text(spark, marker, cfg.hash())
+        write_text(spark, marker, digest)
 
 
 def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: str,
             template_hash: str, run_id: str) -> dict:
+    from siren_batch.calibration import CALIBRATED, apply_calibrator, calibrator_dir, load_if_present
+
     meta = {"prompt_template_hash": F.lit(template_hash), "run_id": F.lit(run_id),
             "run_date": F.lit(run_date)}
     parts = [_error_rows(bad_pairs).withColumns(meta)]
@@ -152,6 +159,12 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
     for extra in parts[1:]:
         out = out.unionByName(extra, allowMissingColumns=True)
     out = out.withColumn("model_id", F.coalesce("model_id", F.lit(cfg.score.model)))
+    calibrator = load_if_present(cfg)
+    if calibrator is not None:
+        logger.info("applying the calibrator stored at %s", calibrator_dir(cfg))
+        out = apply_calibrator(spark, cfg, out, calibrator)
+    else:
+        out = out.withColumns({c: F.lit(None).cast(schemas.RATINGS[c].dataType) for c in CALIBRATED})
     rows = write_table(out, cfg, "ratings", schemas.RATINGS, partition_by=["run_date"])
     written = read_table(spark, cfg, "ratings", schemas.RATINGS).where(F.col("run_date") == run_date)
     agg = written.agg(F.count("*").alias("rows"), F.count("error").alias("errors"),

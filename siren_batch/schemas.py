@@ -127,7 +127,23 @@ RATINGS = T.StructType([
     T.StructField("prompt_template_hash", T.StringType(), False),
     T.StructField("run_id", T.StringType(), False),
     T.StructField("error", T.StringType(), True),           # null when scored; else a one-line reason
+    # Filled when a calibrator is stored beside the model (siren_batch.calibration); else null.
+    T.StructField("calibrated_rating", T.DoubleType(), True),   # point estimate (ridge; RMSE-optimal)
+    T.StructField("calibrated_median", T.DoubleType(), True),   # median of calibrated_probs (MAE-optimal)
+    T.StructField("calibrated_probs", T.ArrayType(T.DoubleType(), False), True),
     T.StructField("run_date", T.StringType(), False),       # partition column, YYYY-MM-DD
+])
+
+# ---- features (siren_batch.features): inputs of the trained scorers -------------------
+PAIR_FEATURES = T.StructType([
+    T.StructField("user_id", T.StringType(), False),
+    T.StructField("item_id", T.StringType(), False),
+    T.StructField("n_history", T.LongType(), False),   # the user's earlier ratings
+    T.StructField("user_mean", T.DoubleType(), True),  # their mean; null when none
+    T.StructField("item_count", T.LongType(), False),  # the item's earlier ratings (any user)
+    T.StructField("item_mean", T.DoubleType(), True),  # their mean; null when none
+    T.StructField("bias", T.DoubleType(), True),       # user+item bias baseline
+    T.StructField("als", T.DoubleType(), True),        # ALS on the bias residuals
 ])
 
 # ---- evaluate --------------------------------------------------------------------

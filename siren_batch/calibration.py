@@ -1,0 +1,142 @@
+"""The calibrated columns of the `ratings` table: fit on valid, apply where present.
+
+    siren-batch score score.candidates=split:valid score.run_date=2026-11-01   # raw valid scores
+    siren-batch calibrate calibrate.run_date=2026-11-01                         # fit, store beside the model
+    siren-batch score                                                           # applies it: calibrated_* columns
+
+The calibrator (siren_batch.train.calibrate) is stored in `calibrator_dir(cfg)`:
+calibrate.path, else `<adapter or model folder>/calibration/<dataset>/`, else (a hub
+id) `./models/calibration/<model id>/<dataset>/`. It records the prompt settings
+and model it was fit for; applying it to ratings of another model, adapter, prompt
+variant or priors setting fails with one line instead of producing quietly wrong
+numbers. `calibrate.apply_run_date` re-applies it to an already scored partition
+(no second scoring pass).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from siren_batch import schemas
+from siren_batch.assets import models_dir, resolve_llm
+from siren_batch.config import Config
+from siren_batch.features import KEY, candidate_features, split_features
+from siren_batch.warehouse import read_table, run_record, write_table
+
+logger = logging.getLogger(__name__)
+
+CALIBRATED = ["calibrated_rating", "calibrated_median", "calibrated_probs"]
+
+
+def calibrator_dir(cfg: Config) -> Path:
+    if cfg.calibrate.path:
+        return Path(cfg.calibrate.path)
+    base = cfg.score.adapter or resolve_llm(cfg.score.model)
+    if Path(base).is_dir():
+        return Path(base) / "calibration" / cfg.dataset
+    return models_dir() / "calibration" / str(base).replace("/", "--") / cfg.dataset
+
+
+def fitted_for(cfg: Config) -> dict[str, Any]:
+    """What a calibrator is only valid for: it is checked again when applied."""
+    return {"model": cfg.score.model, "adapter": cfg.score.adapter, "variant": cfg.score.variant,
+            "priors": cfg.prompts.priors, "dataset": cfg.dataset}
+
+
+def load_if_present(cfg: Config):
+    """The stored calibrator for this model and dataset, or None; one-line error on a mismatch."""
+    from siren_batch.train.calibrate import Calibrator
+
+    folder = calibrator_dir(cfg)
+    if not cfg.calibrate.enabled or not (folder / "calibrator.pkl").exists():
+        return None
+    calibrator = Calibrator.load(folder)
+    want, got = fitted_for(cfg), calibrator.meta.get("fitted_for", {})
+    diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    if diff:
+        raise ValueError(f"calibrator at {folder} was fit for other settings {diff} (stored, now); refit it "
+                         f"with `siren-batch calibrate` or set calibrate.enabled=false")
+    return calibrator
+
+
+def _features(spark: SparkSession, cfg: Config, pairs: DataFrame, als_params) -> tuple[DataFrame, Any]:
+    source = cfg.score.candidates
+    if source.startswith("split:"):
+        return split_features(spark, cfg, source.split(":", 1)[1], als_params)
+    return candidate_features(spark, cfg, pairs, als_params), als_params
+
+
+def apply_calibrator(spark: SparkSession, cfg: Config, ratings: DataFrame, calibrator) -> DataFrame:
+    """`ratings` (RATINGS columns) with the calibrated_* columns filled for rows with probs."""
+    als = calibrator.meta.get("als_params")
+    feats, _ = _features(spark, cfg, ratings, tuple(als) if als else None)
+    joined = ratings.drop(*[c for c in CALIBRATED if c in ratings.columns]).join(feats, on=KEY, how="left")
+    schema = schemas.RATINGS
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pandas as pd
+
+        for pdf in batches:
+            ok = pdf["probs"].notna() & pdf["error"].isna()
+            out = pdf.assign(calibrated_rating=pd.array([None] * len(pdf), dtype="Float64"),
+                             calibrated_median=pd.array([None] * len(pdf), dtype="Float64"),
+                             calibrated_probs=[None] * len(pdf))
+            if ok.any():
+                probs, rating, median = calibrator.predict(pdf[ok])
+                out.loc[ok, "calibrated_rating"] = rating
+                out.loc[ok, "calibrated_median"] = median
+                out.loc[ok, "calibrated_probs"] = pd.Series([list(map(float, p)) for p in probs],
+                                                            index=out.index[ok])
+            yield out[schema.names]
+
+    return joined.mapInPandas(run, schema)
+
+
+def _fit_frame(spark: SparkSession, cfg: Config) -> tuple[Any, tuple[int, float], str]:
+    """Labelled valid pairs with the scores of calibrate.run_date and their features (pandas)."""
+    ratings = read_table(spark, cfg, "ratings", schemas.RATINGS)
+    run_date = cfg.calibrate.run_date or ratings.agg(F.max("run_date")).first()[0]
+    scored = ratings.where((F.col("run_date") == run_date) & F.col("error").isNull())
+    truth = (read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+             .where(F.col("split") == "valid").select(*KEY, F.col("rating").alias("label")))
+    feats, als_params = split_features(spark, cfg, "valid")
+    frame = (scored.select(*KEY, "probs").join(truth, on=KEY, how="inner")
+             .join(feats, on=KEY, how="left"))
+    if cfg.calibrate.max_rows:
+        frame = frame.orderBy(F.xxhash64(*KEY)).limit(cfg.calibrate.max_rows)
+    pdf = frame.toPandas()
+    n_valid, n_scored = truth.count(), scored.count()
+    if len(pdf) < 0.5 * n_valid:
+        raise ValueError(f"ratings run_date={run_date} covers {len(pdf)} of {n_valid} valid pairs "
+                         f"({n_scored} scored rows): score split:valid first "
+                         f"(siren-batch score score.candidates=split:valid score.run_date=...)")
+    return pdf, als_params, run_date
+
+
+def calibrate(spark: SparkSession, cfg: Config) -> dict:
+    """The stage: fit on valid, store beside the model, optionally re-apply to a partition."""
+    from siren_batch.train.calibrate import fit_calibrator
+
+    with run_record(spark, cfg, "calibrate") as rec:
+        frame, als_params, run_date = _fit_frame(spark, cfg)
+        rec.input_rows = len(frame)
+        calibrator = fit_calibrator(frame, cfg.calibrate.features, cfg.calibrate.folds, cfg.calibrate.seed)
+        calibrator.meta.update({"fitted_for": fitted_for(cfg), "als_params": list(als_params),
+                                "valid_run_date": run_date, "config_hash": cfg.hash()})
+        folder = calibrator.save(calibrator_dir(cfg))
+        summary = {"calibrator": str(folder), "rows": len(frame), "valid": calibrator.meta}
+        if cfg.calibrate.apply_run_date:
+            summary["applied"] = _reapply(spark, cfg, calibrator, cfg.calibrate.apply_run_date)
+        rec.output_rows = summary.get("applied", 0)
+    return summary
+
+
+def _reapply(spark: SparkSession, cfg: Config, calibrator, run_date: str) -> int:
+    ratings = read_table(spark, cfg, "ratings", schemas.RATINGS).where(F.col("run_date") == run_date)
+    out = apply_calibrator(spark, cfg, ratings, calibrator).localCheckpoint()
+    return write_table(out, cfg, "ratings", schemas.RATINGS, partition_by=["run_date"])

@@ -1,0 +1,78 @@
+"""Per-pair numeric features the trained scorers combine with the LLM: the
+baselines' predictions and the as-of counts.
+
+    feats = split_features(spark, cfg, "valid")          # labelled pairs of a split
+    feats = candidate_features(spark, cfg, pairs)        # nightly (user_id, item_id) pairs
+
+Columns (schemas.PAIR_FEATURES): bias and als (the baselines' predictions), n_history
+and user_mean (the user's earlier ratings), item_count and item_mean (the item's).
+What each may have seen:
+- split pairs: baselines fit as in evaluation (valid: train; test: train + valid), the
+  counts from the example sketches (strictly earlier ratings only);
+- nightly candidates: baselines fit on every interaction, counts as of the end of
+  history (serving sketches and item priors).
+ALS uses the (rank, reg) tuned on valid, or the pair the caller passes (a stored
+calibrator brings its own so a night needs no grid search).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from siren_batch import baselines, schemas
+from siren_batch.config import Config
+from siren_batch.warehouse import conform, read_table
+
+logger = logging.getLogger(__name__)
+
+KEY = ["user_id", "item_id"]
+
+
+def _baselines(interactions: DataFrame, split: str, cfg: Config,
+               als_params: tuple[int, float] | None) -> tuple[DataFrame, tuple[int, float]]:
+    """(user_id, item_id, bias, als) for the pairs of `split`, and the ALS (rank, reg) used."""
+    if als_params is None:
+        als_params, _ = baselines.tune_als(interactions, cfg.evaluate)
+    fit, pairs = baselines.with_base(interactions, split, cfg.evaluate)
+    als = baselines.als_predict(fit, pairs, *als_params, cfg.evaluate)
+    out = (pairs.withColumnRenamed("base", "bias")
+           .join(als.withColumnRenamed("rating", "als"), on=KEY, how="left"))
+    return out, als_params
+
+
+def split_features(spark: SparkSession, cfg: Config, split: str,
+                   als_params: tuple[int, float] | None = None) -> tuple[DataFrame, tuple[int, float]]:
+    """schemas.PAIR_FEATURES for every labelled pair of `split` (valid or test)."""
+    interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+    preds, als_params = _baselines(interactions, split, cfg, als_params)
+    counts = (read_table(spark, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)
+              .where(F.col("split") == split)
+              .select(*KEY, "n_history", "user_mean", "item_count", "item_mean"))
+    return conform(counts.join(preds, on=KEY, how="left"), schemas.PAIR_FEATURES), als_params
+
+
+def candidate_features(spark: SparkSession, cfg: Config, pairs: DataFrame,
+                       als_params: tuple[int, float]) -> DataFrame:
+    """schemas.PAIR_FEATURES for nightly (user_id, item_id) pairs: baselines fit on every
+    interaction, counts as of the end of history (unknown user or item: count 0)."""
+    from siren_batch.sketches import item_priors
+
+    interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+    fit = interactions.select("user_id", "item_id", "rating")
+    mu, user_bias, item_bias = baselines.fit_bias(fit, cfg.evaluate.bias_reg, cfg.evaluate.bias_iters)
+    targets = pairs.select(*KEY).dropDuplicates(KEY)
+    targets = baselines.bias_predict(targets, mu, user_bias, item_bias, name="base")
+    fit_base = baselines.bias_predict(fit, mu, user_bias, item_bias, name="base")
+    als = baselines.als_predict(fit_base, targets, *als_params, cfg.evaluate)
+    users = read_table(spark, cfg, "sketches", schemas.SKETCHES).select("user_id", "n_history", "user_mean")
+    out = (targets.withColumnRenamed("base", "bias")
+           .join(als.withColumnRenamed("rating", "als"), on=KEY, how="left")
+           .join(users, on="user_id", how="left")
+           .join(item_priors(interactions), on="item_id", how="left")
+           .withColumn("n_history", F.coalesce("n_history", F.lit(0)))
+           .withColumn("item_count", F.coalesce("item_count", F.lit(0))))
+    return conform(out, schemas.PAIR_FEATURES)

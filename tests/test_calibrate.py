@@ -1,0 +1,146 @@
+"""Calibration: the scikit-learn models on synthetic frames, then the Spark edge
+(fit on a valid partition, store, re-apply, refuse a mismatched calibrator)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from siren_batch.train.calibrate import Calibrator, feature_matrix, fit_calibrator
+
+
+def _frame(n: int, seed: int = 0, llm_signal: float = 1.5) -> pd.DataFrame:
+    """Labels driven by a bias-like feature; the LLM's logits carry extra signal."""
+    rng = np.random.default_rng(seed)
+    bias = rng.uniform(2.0, 4.5, n)
+    label = np.clip(np.round(bias + rng.normal(0, 0.9, n)), 1, 5)
+    logits = rng.normal(0, 1, (n, 5))
+    logits[np.arange(n), (label - 1).astype(int)] += llm_signal
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return pd.DataFrame({"label": label, "probs": list(probs), "bias": bias, "als": bias + rng.normal(0, .1, n),
+                         "n_history": rng.integers(0, 50, n), "item_count": rng.integers(0, 300, n),
+                         "user_mean": np.where(rng.random(n) < .2, np.nan, bias), "item_mean": bias})
+
+
+def test_calibrated_distribution_is_on_the_scale_and_sums_to_one():
+    cal = fit_calibrator(_frame(400), ["llm", "baselines", "counts"], folds=4)
+    probs, rating, median = cal.predict(_frame(50, seed=1))
+    assert probs.shape == (50, 5) and np.all(probs >= 0) and np.allclose(probs.sum(1), 1.0)
+    assert np.all((rating >= 1) & (rating <= 5)) and set(median) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def test_calibration_beats_the_raw_readout_out_of_fold():
+    cal = fit_calibrator(_frame(500), ["llm", "baselines"], folds=5)
+    oof, raw = cal.meta["out_of_fold"], cal.meta["raw"]
+    assert oof["rmse"] < raw["rmse"] and oof["nll"] < raw["nll"] and oof["median_mae"] < raw["median_mae"]
+
+
+def test_a_scale_point_absent_from_valid_keeps_probability_zero():
+    frame = _frame(300)
+    frame = frame[frame["label"] != 1.0].reset_index(drop=True)
+    cal = fit_calibrator(frame, ["llm"], folds=3)
+    probs, _, _ = cal.predict(_frame(20, seed=2))
+    assert np.all(probs[:, 0] == 0.0) and np.allclose(probs.sum(1), 1.0)
+
+
+def test_save_load_round_trip(tmp_path):
+    cal = fit_calibrator(_frame(200), ["llm", "counts"], folds=2)
+    cal.meta["fitted_for"] = {"model": "m"}
+    again = Calibrator.load(cal.save(tmp_path / "cal"))
+    test = _frame(30, seed=3)
+    for a, b in zip(cal.predict(test), again.predict(test)):
+        np.testing.assert_array_equal(a, b)
+    assert (tmp_path / "cal" / "calibration.json").read_text().count('"fitted_for"') == 1
+
+
+def test_bad_inputs_fail_with_a_reason():
+    with pytest.raises(ValueError, match="use one or more of llm, baselines, counts"):
+        feature_matrix(_frame(5), ["llm", "probe"])
+    with pytest.raises(ValueError, match="at least 50 labelled rows"):
+        fit_calibrator(_frame(20), ["llm"], folds=5)
+    half = _frame(100).assign(label=lambda f: f["label"] - 0.5)
+    with pytest.raises(ValueError, match="not all points of the scale"):
+        fit_calibrator(half, ["llm"], folds=2)
+
+
+# ---- the Spark edge ---------------------------------------------------------------------
+
+def _warehouse(spark, cfg):
+    """40 users x 6 items: 4 train ratings each, then a valid and a test one; topics trivial."""
+    from siren_batch import schemas
+    from siren_batch.config import SketchesConfig
+    from siren_batch.sketches import example_sketches
+    from siren_batch.warehouse import write_table
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(40):
+        items = rng.permutation(6)
+        for k, split in enumerate(["train"] * 4 + ["valid", "test"]):
+            rating = float(np.clip(round(2 + items[k] * 0.6 + rng.normal(0, 0.7)), 1, 5))
+            rows.append((f"u{u}", f"i{items[k]}", rating, 1000 * u + 10 * k, split))
+    inter = spark.createDataFrame(rows, schemas.INTERACTIONS)
+    items = spark.createDataFrame([(f"i{i}", f"Title {i}", "Drama", f"Title {i}.") for i in range(6)], schemas.ITEMS)
+    item_topics = spark.createDataFrame([(f"i{i}", i % 2, 0.1) for i in range(6)], schemas.ITEM_TOPICS)
+    topics = spark.createDataFrame([(0, "a", 3, [0.0]), (1, "b", 3, [0.0])], schemas.TOPICS)
+    write_table(inter, cfg, "interactions", schemas.INTERACTIONS)
+    write_table(example_sketches(inter, items, item_topics, topics, SketchesConfig()), cfg, "example_sketches",
+                schemas.EXAMPLE_SKETCHES)
+    return rows
+
+
+def _ratings(spark, cfg, rows, split, run_date):
+    """Raw scores whose distribution leans on the true rating, one error row."""
+    from pyspark.sql import functions as F
+
+    from siren_batch import schemas
+    from siren_batch.warehouse import write_table
+
+    rng = np.random.default_rng(1)
+    out = []
+    for u, i, rating, _, s in rows:
+        if s != split:
+            continue
+        logits = rng.normal(0, 1, 5)
+        logits[int(rating) - 1] += 1.0
+        p = (np.exp(logits) / np.exp(logits).sum()).tolist()
+        err = "prompt_too_long: 9 tokens > 8" if u == "u0" else None
+        out.append((u, i, None if err else float(np.dot(p, range(1, 6))), None, None, None if err else p,
+                    10, 1, "m", None, "h", "r", err, None, None, None, run_date))
+    frame = spark.createDataFrame(out, schemas.RATINGS).withColumn("run_date", F.lit(run_date))
+    write_table(frame, cfg, "ratings", schemas.RATINGS, partition_by=["run_date"])
+
+
+def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_path):
+    from pyspark.sql import functions as F
+
+    from siren_batch import schemas
+    from siren_batch.calibration import calibrate, load_if_present
+    from siren_batch.config import load_config
+    from siren_batch.warehouse import read_table
+
+    cfg = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal'}",
+                                 "calibrate.folds=2", "calibrate.run_date=2026-01-01",
+                                 "calibrate.apply_run_date=2026-01-02", "evaluate.als_ranks=[2]",
+                                 "evaluate.als_reg_params=[0.1]", "evaluate.als_max_iter=3"])
+    rows = _warehouse(spark, cfg)
+    _ratings(spark, cfg, rows, "valid", "2026-01-01")
+    _ratings(spark, cfg, rows, "test", "2026-01-02")
+    summary = calibrate(spark, cfg)
+    assert summary["rows"] == 39 and summary["applied"] == 40          # u0's valid row is an error row
+    assert summary["valid"]["fitted_for"]["priors"] is False and summary["valid"]["als_params"] == [2, 0.1]
+    test = read_table(spark, cfg, "ratings", schemas.RATINGS).where(F.col("run_date") == "2026-01-02").collect()
+    for r in test:
+        if r.error:
+            assert r.calibrated_rating is None and r.calibrated_probs is None
+        else:
+            assert 1 <= r.calibrated_rating <= 5 and abs(sum(r.calibrated_probs) - 1) < 1e-9
+            assert r.calibrated_median in (1.0, 2.0, 3.0, 4.0, 5.0)
+    assert sum(r.error is None for r in test) == 39
+    other = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal'}",
+                                   "prompts.priors=true"])
+    with pytest.raises(ValueError, match="was fit for other settings .*priors"):
+        load_if_present(other)
+    assert load_if_present(load_config(overrides=[f"calibrate.path={tmp_path / 'cal'}",
+                                                  "calibrate.enabled=false"])) is None
