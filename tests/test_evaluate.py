@@ -10,8 +10,8 @@ from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.config import EvaluateConfig
-from siren_batch.evaluate import (PAPER_ROWS, compute_metrics, history_segment, join_truth,
-                                  markdown_report)
+from siren_batch.evaluate import (PAPER_ROWS, compute_metrics, history_segment, join_truth, llm_systems,
+                                  markdown_report, nll_metric)
 
 # u1 has two test pairs, u2 one whose item is new, u3 one whose prediction failed.
 INTERACTIONS = [
@@ -26,9 +26,13 @@ PREDICTIONS = [  # (user, item, rating, error): errors -1, +0.5, +1; one error; 
 ]
 
 
-def ratings_frame(spark, rows):
-    """RATINGS-shaped frame: the real table's schema, bookkeeping columns filled in."""
-    full = [(u, i, r, r, None, 10, 1, "m", None, "h", "run", e, "2025-01-01") for u, i, r, e in rows]
+def ratings_frame(spark, rows, probs=None, calibrated=None):
+    """RATINGS-shaped frame: the real table's schema, bookkeeping columns filled in.
+    probs / calibrated: per row, a distribution (and for calibrated (point, median, probs))."""
+    probs = probs or [None] * len(rows)
+    calibrated = calibrated or [(None, None, None)] * len(rows)
+    full = [(u, i, r, r, r, p, 10, 1, "m", None, "h", "run", e, *c, "2025-01-01")
+            for (u, i, r, e), p, c in zip(rows, probs, calibrated)]
     return spark.createDataFrame(full, schemas.RATINGS)
 
 
@@ -124,10 +128,10 @@ def test_markdown_report_sorts_by_rmse_and_marks_paper_rows():
                      _metrics_pdf("llm:x", 0.8, 1.1, coverage=0.9, extra=3.0)])
     text = markdown_report(pdf, "siren-movies", PAPER_ROWS["siren-movies"])
     lines = text.splitlines()
-    main = lines[lines.index("| system | MAE | RMSE | user MAE | user RMSE | coverage | n |") + 2:][:3]
+    main = lines[lines.index("| system | MAE | RMSE | user MAE | user RMSE | NLL | coverage | n |") + 2:][:3]
     assert [line.split(" | ")[0] for line in main] == [  # RMSE 1.1 < 1.2924 < 1.4
         "| llm:x", "| SIREN Qwen3-4B †", "| baseline:global_mean"]
-    assert "| llm:x | 0.8000 | 1.1000 | 0.8000 | 1.1000 | 0.9000 | 10 |" in lines
+    assert "| llm:x | 0.8000 | 1.1000 | 0.8000 | 1.1000 | – | 0.9000 | 10 |" in lines  # no distribution: no NLL
     assert any(line.startswith("† SIREN Qwen3-4B: quoted from the paper") for line in lines)
     assert "Note: llm:x: 3 predictions for pairs outside the truth (not scored)." in lines
     header = next(line for line in lines if line.startswith("| system | <5"))
@@ -139,3 +143,22 @@ def test_markdown_report_refuses_two_values_per_system():
     pdf = pd.concat([_metrics_pdf("a", 0.8, 1.1), _metrics_pdf("a", 0.7, 1.0)])
     with pytest.raises(ValueError, match="one eval_id per system"):
         markdown_report(pdf, "t", None)
+
+
+def test_readouts_are_systems_and_nll_matches_hand_values(spark, inter):
+    rows = [("u1", "i4", 4.0, None), ("u1", "i6", 3.5, None), ("u2", "i5", 2.0, None), ("u3", "i1", None, "boom")]
+    probs = [[0.0, 0.0, 0.2, 0.3, 0.5], [0.1, 0.1, 0.4, 0.2, 0.2], [0.5, 0.5, 0.0, 0.0, 0.0], None]
+    raw = ratings_frame(spark, rows, probs)
+    assert sorted(llm_systems(raw, "llm:m")) == ["llm:m", "llm:m/argmax", "llm:m/median"]
+    # true ratings 5, 3, 1: -log(0.5), -log(0.4), -log(0.5); the error row does not count
+    nll = nll_metric(raw, inter, "test", "probs", "llm:m", "e1").first()
+    assert (nll.metric, nll.n) == ("nll", 3) and nll.value == pytest.approx(-(2 * math.log(0.5) + math.log(0.4)) / 3)
+    calibrated = [(4.5, 5.0, [0.0, 0.0, 0.0, 0.5, 0.5]), (3.0, 3.0, [0.0, 0.0, 1e-9, 0.5, 0.5]),
+                  (1.5, 1.0, [0.6, 0.4, 0.0, 0.0, 0.0]), (None, None, None)]
+    cal = ratings_frame(spark, rows, probs, calibrated)
+    systems = llm_systems(cal, "llm:m")
+    assert set(systems) == {"llm:m", "llm:m/median", "llm:m/argmax", "llm:m+calibrated", "llm:m+calibrated/median"}
+    assert {r.item_id: r.rating for r in systems["llm:m+calibrated/median"].collect()} == \
+        {"i4": 5.0, "i6": 3.0, "i5": 1.0, "i1": None}
+    floor = nll_metric(cal, inter, "test", "calibrated_probs", "llm:m+calibrated", "e1").first()
+    assert floor.value == pytest.approx(-(math.log(0.5) + math.log(1e-6) + math.log(0.6)) / 3)  # floored at 1e-6
