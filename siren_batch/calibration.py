@@ -110,10 +110,11 @@ def _fit_frame(spark: SparkSession, cfg: Config) -> tuple[Any, tuple[int, float]
     if cfg.calibrate.max_rows:
         frame = frame.orderBy(F.xxhash64(*KEY)).limit(cfg.calibrate.max_rows)
     pdf = frame.toPandas()
-    n_valid, n_scored = truth.count(), scored.count()
-    if len(pdf) < 0.5 * n_valid:
-        raise ValueError(f"ratings run_date={run_date} covers {len(pdf)} of {n_valid} valid pairs "
-                         f"({n_scored} scored rows): score split:valid first "
+    n_scored = scored.count()
+    # A sampled valid run (score.limit) is fine; a partition of other pairs is not.
+    if len(pdf) < 0.5 * n_scored or not len(pdf):
+        raise ValueError(f"ratings run_date={run_date}: only {len(pdf)} of its {n_scored} scored rows are valid "
+                         f"pairs: score split:valid first "
                          f"(siren-batch score score.candidates=split:valid score.run_date=...)")
     return pdf, als_params, run_date
 

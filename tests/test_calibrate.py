@@ -144,3 +144,7 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
         load_if_present(other)
     assert load_if_present(load_config(overrides=[f"calibrate.path={tmp_path / 'cal'}",
                                                   "calibrate.enabled=false"])) is None
+    wrong = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal2'}",
+                                   "calibrate.run_date=2026-01-02", "calibrate.folds=2"])
+    with pytest.raises(ValueError, match="only 0 of its 39 scored rows are valid pairs: score split:valid first"):
+        calibrate(spark, wrong)
