@@ -198,6 +198,7 @@ class EvaluateConfig:
     als_max_iter: int = 10            # ALS iterations per fit
     als_residual: bool = True         # ALS learns rating - bias prediction (biased MF); false = raw ratings
     seed: int = 42                    # ALS seed
+    system: str | None = None         # name of the scored system in reports; None = llm:<model id>
 
     BASELINES = ("constant_median", "global_mean", "user_mean", "item_mean", "bias", "als")
 

@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.config import Config
+from siren_batch.train import stages as train_stages
 from siren_batch.warehouse import read_table, run_record, write_table
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
         interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS).cache()
         run_date, ratings = _latest_ratings(spark, cfg)
         model = ratings.select("model_id").first()
-        llm = f"llm:{(model.model_id if model else cfg.score.model).rstrip('/').split('/')[-1]}"
+        llm = cfg.evaluate.system or f"llm:{(model.model_id if model else cfg.score.model).rstrip('/').split('/')[-1]}"
         systems = llm_systems(ratings, llm)
         truth = _truth_scope(interactions, ratings, cfg)
         in_scope = truth.where(F.col("split") == cfg.evaluate.split).select("user_id", "item_id")
@@ -208,6 +209,8 @@ STAGES: dict[str, Callable[[SparkSession, Config], dict]] = {
     "score": score,
     "evaluate": evaluate,
     "calibrate": calibrate,
+    "train-sft": train_stages.train_sft,
+    "export": train_stages.export,
 }
 SKETCH_CHAIN = ["ingest", "embed", "topics", "sketches", "prompts"]
 FULL_CHAIN = [*SKETCH_CHAIN, "score", "evaluate"]

@@ -1,0 +1,109 @@
+"""Accuracy across datasets and systems: notebooks/benchmarks/accuracy.{json,md}.
+
+    python -m siren_batch.accuracy --dataset ml-100k --dataset siren-movies \\
+        --meta "zero-shot+priors=training_examples:0,device:cpu"
+
+Reads each dataset's `metrics` and `runs` tables straight from Parquet (no Spark)
+and keeps, per system, its newest evaluation of the split (segment "all"):
+dataset -> system -> readout, mae, rmse, nll, n, eval_id, plus what --meta adds
+(training examples, wall time, device: what the metrics table cannot know).
+A system's name says its readout: `.../median`, `.../argmax`, else the expected
+value (LLM) or the point estimate (calibrated, baselines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def readout_of(system: str) -> str:
+    """The readout a system name stands for.
+
+    >>> readout_of("llm:x/median"), readout_of("llm:x+calibrated"), readout_of("baseline:bias")
+    ('median', 'calibrated point', 'point')
+    """
+    if system.endswith("/median"):
+        return "median"
+    if system.endswith("/argmax"):
+        return "argmax"
+    if "+calibrated" in system:
+        return "calibrated point"
+    return "mean" if not system.startswith("baseline:") else "point"
+
+
+def newest_by_system(metrics: Any, runs: Any, split: str) -> dict[str, dict[str, Any]]:
+    """{system: {mae, rmse, nll, n, eval_id}} from the newest eval_id holding that system."""
+    started = dict(zip(runs["run_id"], runs["started_at"])) if len(runs) else {}
+    part = metrics[(metrics["split"] == split) & (metrics["segment"] == "all")].copy()
+    part["started_at"] = [started.get(e.rsplit("-", 1)[-1], "") for e in part["eval_id"]]
+    out: dict[str, dict[str, Any]] = {}
+    for system, rows in part.groupby("system"):
+        newest = rows[rows["started_at"] == rows["started_at"].max()]
+        values = dict(zip(newest["metric"], newest["value"]))
+        n = dict(zip(newest["metric"], newest["n"]))
+        out[system] = {"readout": readout_of(system), "mae": values.get("mae"), "rmse": values.get("rmse"),
+                       "nll": values.get("nll"), "coverage": values.get("coverage"), "n": int(n.get("mae", 0)),
+                       "eval_id": newest["eval_id"].iloc[0]}
+    return out
+
+
+def parse_meta(items: list[str]) -> dict[str, dict[str, Any]]:
+    """["sys=training_examples:0,device:cpu"] -> {"sys": {"training_examples": 0, "device": "cpu"}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        system, _, pairs = item.partition("=")
+        for pair in filter(None, pairs.split(",")):
+            key, _, value = pair.partition(":")
+            out.setdefault(system, {})[key] = int(value) if value.isdigit() else value
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
+    lines = []
+    for dataset, systems in table.items():
+        lines += [f"## {dataset}", "", "| system | readout | MAE | RMSE | NLL | n | training examples | device |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for system, r in sorted(systems.items(), key=lambda kv: kv[1]["rmse"] or 9):
+            lines.append(f"| {system} | {r['readout']} | {_fmt(r['mae'])} | {_fmt(r['rmse'])} | {_fmt(r['nll'])} "
+                         f"| {r['n']} | {r.get('training_examples', '–')} | {r.get('device', '–')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    import pandas as pd
+
+    from siren_batch.profiling import write_results
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", action="append", required=True)
+    parser.add_argument("--warehouse", default="./warehouse")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--meta", action="append", default=[], metavar="SYSTEM=key:value,...")
+    args = parser.parse_args(argv)
+    meta = parse_meta(args.meta)
+    table = {}
+    for dataset in args.dataset:
+        root = Path(args.warehouse) / dataset
+        runs = pd.read_parquet(root / "runs") if (root / "runs").exists() else pd.DataFrame()
+        systems = newest_by_system(pd.read_parquet(root / "metrics"), runs, args.split)
+        table[dataset] = {s: {**r, **meta.get(s, {})} for s, r in systems.items()}
+    path = write_results("accuracy", {"split": args.split, "datasets": table}, markdown(table))
+    logger.info("accuracy written to %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level="INFO")
+    sys.exit(main(sys.argv[1:]))
