@@ -238,6 +238,25 @@ class CalibrateConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """`make train-probe`: frozen hidden states + baselines + counts -> a scikit-learn scorer."""
+    layer_fractions: list[float] = field(default_factory=lambda: [1.0, 0.5])  # depths read: 1.0 = top layer
+    features: list[str] = field(default_factory=lambda: ["baselines", "counts"])  # beside the hidden states
+    valid_rows: int | None = None     # valid pairs the probe is fit on (a hashed sample); None = all
+    split: str = "test"               # the split it then scores into ratings/run_date=<run_date>
+    run_date: str = "1970-01-02"      # ratings partition the probe's scores go to (evaluate.run_date picks it)
+    dtype: str = "bfloat16"           # forward passes for the features: bfloat16 | float32
+
+    def __post_init__(self) -> None:
+        _require(bool(self.layer_fractions) and all(0 < f <= 1 for f in self.layer_fractions),
+                 "probe.layer_fractions must be depths in (0, 1], e.g. [1.0, 0.5]")
+        bad = [f for f in self.features if f not in ("baselines", "counts")]
+        _require(not bad, f"probe.features has unknown entries {bad}; use baselines, counts")
+        _require(self.split in ("valid", "test"), "probe.split must be valid or test")
+        _require(self.dtype in ("bfloat16", "float32"), "probe.dtype must be bfloat16 or float32")
+
+
+@dataclass
 class TrainConfig:
     """Answer-only fine-tuning (siren_batch.train.sft): `make train-sft`."""
     base_model: str = "default"       # model to fine-tune: "default" = the bundled SmolLM2 folder; else path or hub id
@@ -304,6 +323,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:

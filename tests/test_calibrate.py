@@ -85,6 +85,7 @@ def _warehouse(spark, cfg):
     item_topics = spark.createDataFrame([(f"i{i}", i % 2, 0.1) for i in range(6)], schemas.ITEM_TOPICS)
     topics = spark.createDataFrame([(0, "a", 3, [0.0]), (1, "b", 3, [0.0])], schemas.TOPICS)
     write_table(inter, cfg, "interactions", schemas.INTERACTIONS)
+    write_table(items, cfg, "items", schemas.ITEMS)
     write_table(example_sketches(inter, items, item_topics, topics, SketchesConfig()), cfg, "example_sketches",
                 schemas.EXAMPLE_SKETCHES)
     return rows
@@ -148,3 +149,59 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
                                    "calibrate.run_date=2026-01-02", "calibrate.folds=2"])
     with pytest.raises(ValueError, match="only 0 of its 39 scored rows are valid pairs: score split:valid first"):
         calibrate(spark, wrong)
+
+
+# ---- the probe ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def long_tiny_model(tiny_model, tmp_path_factory):
+    """The shared tiny model with room for real prompts (its byte-level BPE makes ~1k tokens)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-long") / "m"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    return folder
+
+
+def test_answer_states_are_the_last_position_whatever_the_batch(long_tiny_model):
+    import torch
+
+    from siren_batch.backends.transformers_backend import TransformersBackend
+    from siren_batch.config import ScoreConfig
+
+    backend = TransformersBackend(ScoreConfig(model=str(long_tiny_model), device="cpu", batch_size=3))
+    prompts = ["short one <answer>", "a much longer prompt about Heat, Crime|Drama, 5 <answer>", "mid <answer>", " "]
+    states, errors = backend.answer_states(prompts, [2, 1])
+    assert states.shape == (4, 64) and errors == [None, None, None, "empty_prompt"]
+    assert not states[3].any()
+    ids = backend.tokenizer(prompts[1], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():   # by hand: one unpadded sequence, its last position
+        hs = backend.model(input_ids=ids, output_hidden_states=True).hidden_states
+    np.testing.assert_allclose(states[1], torch.cat([hs[2][0, -1], hs[1][0, -1]]).numpy(), atol=1e-5)
+    alone, _ = backend.answer_states(prompts[:1], [2, 1])
+    np.testing.assert_allclose(states[0], alone[0], atol=1e-5)
+
+
+def test_train_probe_fits_on_valid_and_writes_a_scored_partition(spark, tmp_path, long_tiny_model):
+    from pyspark.sql import functions as F
+
+    from siren_batch import schemas
+    from siren_batch.config import load_config
+    from siren_batch.train.probe import train_probe
+    from siren_batch.warehouse import read_table
+
+    cfg = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal'}",
+                                 f"score.model={long_tiny_model}", "score.device=cpu", "calibrate.folds=2",
+                                 "probe.dtype=float32", "probe.run_date=2026-02-01", "evaluate.als_ranks=[2]",
+                                 "evaluate.als_reg_params=[0.1]", "evaluate.als_max_iter=3"])
+    _warehouse(spark, cfg)
+    summary = train_probe(spark, cfg)
+    assert summary["valid_rows"] == 40 and summary["scored"] == 40 and summary["layers"] == [2, 1]
+    assert (tmp_path / "cal" / "probe" / "calibrator.pkl").exists()
+    rows = read_table(spark, cfg, "ratings", schemas.RATINGS).where(F.col("run_date") == "2026-02-01").collect()
+    assert len(rows) == 40 and all(r.model_id.startswith("probe:") and r.error is None for r in rows)
+    for r in rows:
+        assert abs(sum(r.probs) - 1) < 1e-9 and 1 <= r.rating <= 5 and r.rating_argmax == 1 + int(np.argmax(r.probs))

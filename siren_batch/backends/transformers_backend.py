@@ -264,6 +264,29 @@ class TransformersBackend:
             suffixes = [ids[i][length:] for i in batch]
             self._fill(batch, ids, self._rating_logits(suffixes, prefix=(kv, length)), results)
 
+    # ---- hidden states (the probe's features) --------------------------------------
+
+    def answer_states(self, prompts: list[str], layers: list[int]) -> tuple[np.ndarray, list[str | None]]:
+        """Hidden states at the answer position (the last prompt token) of the given
+        decoder layers (negative = from the top), concatenated: (n, hidden * len(layers))
+        float32, and per prompt None or its error (its row is then zeros)."""
+        import torch
+
+        ids, errors = self._encode(prompts)
+        width = self.model.config.hidden_size * len(layers)
+        out = np.zeros((len(prompts), width), dtype=np.float32)
+        todo = [i for i in range(len(prompts)) if i not in errors]
+        for batch in self._batches(todo, ids):
+            input_ids, mask = self._left_pad([ids[i] for i in batch])
+            self._count(mask)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                states = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                    output_hidden_states=True, logits_to_keep=1).hidden_states
+            picked = torch.cat([states[layer][:, -1, :] for layer in layers], dim=-1)
+            out[batch] = picked.float().cpu().numpy()
+        return out, [errors[i].error if i in errors else None for i in range(len(prompts))]
+
     # ---- chain of thought ----------------------------------------------------------
 
     def generate_cot(self, prompts: list[str]) -> list[ScoreResult]:

@@ -18,6 +18,8 @@ Feature groups (frame columns -> features):
   llm        probs (5 per row) -> log-probabilities and the expected rating
   baselines  bias, als -> as they are (als falls back to bias)
   counts     n_history, item_count -> log1p; user_mean, item_mean -> as they are (bias when null)
+  hidden     hidden (a vector per row: the frozen model's state at the answer position) -> as it is
+             (the probe, siren_batch.train.probe)
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from siren_batch.backends import SCALE, readout_median
 
 logger = logging.getLogger(__name__)
 
-FEATURE_GROUPS = ("llm", "baselines", "counts")
+FEATURE_GROUPS = ("llm", "baselines", "counts", "hidden")
 VALUES = np.array([float(s) for s in SCALE])
 LOG_FLOOR = 1e-6   # probabilities below this read as this: log(0) would be -inf
 
@@ -64,6 +66,10 @@ def feature_matrix(frame: Any, groups: Sequence[str]) -> tuple[np.ndarray, list[
         als = frame["als"].astype(float).to_numpy()
         cols += [bias[:, None], np.where(np.isnan(als), bias, als)[:, None]]
         names += ["bias", "als"]
+    if "hidden" in groups:
+        hidden = np.array(frame["hidden"].tolist(), dtype=float)
+        cols.append(hidden)
+        names += [f"h{k}" for k in range(hidden.shape[1])]
     if "counts" in groups:
         for count, mean in (("n_history", "user_mean"), ("item_count", "item_mean")):
             m = frame[mean].astype(float).to_numpy()
