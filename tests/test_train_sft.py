@@ -218,3 +218,83 @@ def test_pack_units_respects_the_limits():
     assert batching.micro_batches([0, 1, 2, 3], units, 2) == [[0], [1, 2], [3]]
     assert len(batching.pack_units(ids[:3], ["u"] * 3, max_suffixes=8, max_row_tokens=7)) == 2   # 5 + 1 + 1 tokens
     assert len(batching.pack_units(ids[:3], ["u"] * 3, max_suffixes=8, max_row_tokens=6)) == 3
+
+
+# ---- export ------------------------------------------------------------------------
+
+def test_export_gives_the_logits_of_base_plus_adapter(tiny_model, tok, tmp_path):
+    from siren_batch.backends.transformers_backend import TransformersBackend
+    from siren_batch.train.export import export_model
+
+    rows = _rows(tok)
+    train(rows, rows.iloc[:4], _cfg(tiny_model, epochs=2.0, eval_every=2), tmp_path, meta={"dataset": "tiny"})
+    (tmp_path / "test_metrics.json").write_text(json.dumps({"mae": 0.81, "rmse": 1.02, "n": 16}))
+    folder = export_model(tmp_path)
+    score = dict(device="cpu", dtype="float32", shared_prefix=False)
+    merged = TransformersBackend(ScoreConfig(model=str(folder), **score))
+    adapted = TransformersBackend(ScoreConfig(model=str(tiny_model), adapter=str(tmp_path / "best"), **score))
+    plain = TransformersBackend(ScoreConfig(model=str(tiny_model), **score))
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in rows["prompt"][:6]]
+    np.testing.assert_allclose(merged._rating_logits(ids), adapted._rating_logits(ids), atol=1e-5)
+    assert np.abs(merged._rating_logits(ids) - plain._rating_logits(ids)).max() > 1e-3   # training did something
+    card = (folder / "README.md").read_text()
+    assert "ce / rating" in card and "RMSE 1.0200" in card and "tiny" in card and "valid" in card.lower()
+    assert (folder / "tokenizer.json").exists() and (tmp_path / "best" / "adapter_config.json").exists()
+
+
+def test_export_without_a_run_says_what_to_do(tmp_path):
+    from siren_batch.train.export import export_model
+
+    with pytest.raises(FileNotFoundError, match="train-sft"):
+        export_model(tmp_path / "nothing")
+
+
+# ---- the Spark edge ---------------------------------------------------------------
+
+def _example(user: str, item: str, ts: int, label: float, split: str) -> dict:
+    """An EXAMPLE_SKETCHES row; fields this test does not care about get empty values."""
+    from siren_batch import schemas
+
+    row = {"user_id": user, "item_id": item, "ts": ts, "label": label, "split": split,
+           "recent": [{"item_id": "i9", "title": "Heat", "genres": "Crime", "rating": 4.0, "ts": 1}]}
+    for f in schemas.EXAMPLE_SKETCHES.fields:
+        if f.name not in row:
+            kind = f.dataType.simpleString()
+            row[f.name] = [] if kind.startswith("array") else (None if f.nullable else 0)
+    return row
+
+
+def test_training_rows_sample_groups_render_prompts_and_join_the_base(spark, cfg, tiny_model):
+    import dataclasses
+
+    from siren_batch import schemas
+    from siren_batch.train.data import ROW_COLUMNS, training_frame, training_rows
+    from siren_batch.warehouse import write_table
+
+    inter = [("u1", "i1", 5.0, 100, "train"), ("u1", "i2", 3.0, 100, "train"), ("u1", "i3", 4.0, 200, "train"),
+             ("u2", "i1", 4.0, 100, "train"), ("u2", "i2", 1.0, 150, "train"), ("u1", "i4", 2.0, 300, "valid"),
+             ("u2", "i3", 5.0, 300, "valid"), ("u1", "i5", 1.0, 400, "test")]
+    write_table(spark.createDataFrame(inter, schemas.INTERACTIONS), cfg, "interactions", schemas.INTERACTIONS)
+    items = [(f"i{k}", f"Film {k}", "Drama" if k % 2 else None, f"Film {k}.") for k in range(1, 10)]
+    write_table(spark.createDataFrame(items, schemas.ITEMS), cfg, "items", schemas.ITEMS)
+    examples = [_example(u, i, ts, r, s) for u, i, r, ts, s in inter]
+    write_table(spark.createDataFrame(examples, schemas.EXAMPLE_SKETCHES), cfg, "example_sketches",
+                schemas.EXAMPLE_SKETCHES)
+    cfg.train = dataclasses.replace(cfg.train, base_model=str(tiny_model), max_examples=3, valid_examples=None)
+    cfg.evaluate = dataclasses.replace(cfg.evaluate, bias_reg=0.0, bias_iters=1)
+
+    train_rows = training_rows(spark, cfg, "train")
+    assert list(train_rows.columns) == ROW_COLUMNS and 1 <= len(train_rows) <= 3
+    groups = {(u, i): ts for u, i, _, ts, _ in inter}
+    picked = {(u, groups[(u, i)]) for u, i in zip(train_rows["user_id"], train_rows["item_id"])}
+    whole = {(u, i) for u, i, _, ts, s in inter if s == "train" and (u, ts) in picked}
+    assert set(zip(train_rows["user_id"], train_rows["item_id"])) == whole     # (user, ts) groups stay whole
+    assert all(p.endswith("\n<think>\n</think>\n<answer>") for p in train_rows["prompt"])
+
+    valid = training_rows(spark, cfg, "valid")
+    assert sorted(valid["item_id"]) == ["i3", "i4"] and valid["label"].tolist() == [2.0, 5.0]
+    # bias fit on train only (reg 0, one pass): mu = 3.4, b_i1 = 1.1, b_i2 = -1.4, b_i3 = 0.6,
+    # b_u2 = mean(4 - 3.4 - 1.1, 1 - 3.4 + 1.4) = -0.75
+    assert valid.set_index("user_id").loc["u2", "base"] == pytest.approx(3.4 + 0.6 - 0.75)
+    with pytest.raises(ValueError, match="test stays unseen"):
+        training_frame(None, None, None, cfg, "test")

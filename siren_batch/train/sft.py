@@ -121,8 +121,10 @@ def write_outputs(run_dir: Path, cfg: TrainConfig, state: dict, info: dict) -> d
                "examples_seen": state["examples_seen"], "wall_s": round(state["wall_s"], 1),
                "best": state["best"], "curve": state["curve"], "train_loss_by_step": state["losses"]}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    meta = {**info, "method": cfg.method, "loss": cfg.loss, "target": cfg.target, "variant": cfg.variant,
-            "scale": list(objective.SCALE), "best": state["best"], "status": metrics["status"],
+    meta = {**info, "base_model_option": cfg.base_model, "method": cfg.method, "lora_r": cfg.lora_r,
+            "lora_alpha": cfg.lora_alpha, "lora_targets": list(cfg.lora_targets), "loss": cfg.loss,
+            "target": cfg.target, "variant": cfg.variant, "scale": list(objective.SCALE), "best": state["best"],
+            "status": metrics["status"], "steps_done": state["step"], "examples_seen": state["examples_seen"],
             "prediction": ("clip(base + E[r] - 3, 1, 5) where base = the user+item bias prediction"
                            if cfg.target == "residual" else "E[r]")}
     (run_dir / "training_meta.json").write_text(json.dumps(meta, indent=1))

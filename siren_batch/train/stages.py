@@ -1,0 +1,56 @@
+"""The training stages, `(spark, cfg) -> dict` like every stage in siren_batch.pipeline.
+
+    siren-batch train-sft [key=value ...]   # make train-sft
+    siren-batch export [key=value ...]      # make export
+
+Outputs live under <train.out_dir>/<dataset>/<train.name>/ (run_dir):
+best/ (adapter), checkpoint/, export/, metrics.json, training_meta.json,
+config.yaml (the resolved config of the run) and train_config.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from siren_batch.config import Config, save_config
+from siren_batch.warehouse import run_record
+
+logger = logging.getLogger(__name__)
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.train.out_dir) / cfg.dataset / cfg.train.name
+
+
+def train_sft(spark: SparkSession, cfg: Config) -> dict:
+    """Train rows and valid rows from the warehouse -> answer-only fine-tuning."""
+    from siren_batch.train.data import training_rows
+    from siren_batch.train.sft import train
+
+    out = run_dir(cfg)
+    with run_record(spark, cfg, "train-sft") as rec:
+        train_rows = training_rows(spark, cfg, "train")
+        valid_rows = training_rows(spark, cfg, "valid")
+        rec.input_rows = len(train_rows) + len(valid_rows)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        summary = train(train_rows, valid_rows, cfg.train, out,
+                        meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.train.name})
+        rec.output_rows = summary["examples_seen"]
+    return {"run_dir": str(out), "best": summary["best"], "status": summary["status"],
+            "steps": summary["steps_done"], "examples_seen": summary["examples_seen"],
+            "train_rows": summary["train_rows"], "valid_rows": summary["valid_rows"],
+            "adapter": str(out / "best"), "device": summary["device"]}
+
+
+def export(spark: SparkSession, cfg: Config) -> dict:
+    """The best weights of run `train.name` merged into a plain HF folder (run_dir/export)."""
+    from siren_batch.train.export import export_model
+
+    with run_record(spark, cfg, "export") as rec:
+        folder = export_model(run_dir(cfg))
+        rec.output_rows = 1
+    return {"export": str(folder), "score_with": f"score.model={folder}", "card": str(folder / "README.md")}
