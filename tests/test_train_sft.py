@@ -40,6 +40,18 @@ def _rows(tok, users: int = 4, per_user: int = 4) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (no OpenMP waits on a busy machine); the
+    thread count is restored for the tests that follow."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok(tiny_model):
     from transformers import AutoTokenizer
@@ -89,14 +101,15 @@ def test_full_finetuning_trains_every_weight(tiny_model, tok, tmp_path):
 
 
 def test_loss_falls_on_a_learnable_task(tiny_model, tok, tmp_path):
-    rows = _rows(tok, users=8)
-    summary = train(rows, rows.iloc[:8], _cfg(tiny_model, epochs=4.0, lr=2e-2, loss="ce", eval_every=4, patience=100),
+    rows = _rows(tok, users=6)
+    summary = train(rows, rows.iloc[:8], _cfg(tiny_model, epochs=4.0, lr=2e-2, loss="ce", eval_every=8, patience=100),
                     tmp_path, meta={"dataset": "tiny"})
     losses = [loss for _, loss in summary["train_loss_by_step"]]
-    assert len(losses) == 32 and np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])
+    assert len(losses) == 24 and np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
     curve = summary["curve"]
-    assert curve[-1]["valid_rmse"] < curve[0]["valid_rmse"] and curve[-1]["examples_seen"] == 128
+    assert curve[-1]["valid_rmse"] < 0.5 * curve[0]["valid_rmse"] and curve[-1]["examples_seen"] == 96
     assert (tmp_path / "best" / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "best" / "siren_training.json").read_text())["target"] == "rating"
     meta = json.loads((tmp_path / "training_meta.json").read_text())
     assert meta["target"] == "rating" and meta["dataset"] == "tiny" and meta["status"] == "done"
 
@@ -108,6 +121,7 @@ def test_every_loss_and_target_runs(tiny_model, tok, tmp_path, loss, target):
     summary = train(rows, rows, _cfg(tiny_model, loss=loss, target=target, eval_at_start=True), tmp_path)
     assert summary["status"] == "done" and len(summary["train_loss_by_step"]) == 2
     assert all(np.isfinite(loss_) for _, loss_ in summary["train_loss_by_step"])
+    assert json.loads((tmp_path / "best" / "siren_training.json").read_text())["target"] == target
     assert summary["best"]["valid_rmse"] >= 0 and summary["curve"][0]["step"] == 0
 
 

@@ -10,6 +10,7 @@ saved with a checkpoint reproduces an uninterrupted run exactly.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from siren_batch.assets import resolve_llm
 from siren_batch.backends import rating_token_ids
 from siren_batch.config import TrainConfig
 from siren_batch.train import batching, checkpoint, model as M, objective
-from siren_batch.train.sft import build_units, encode, fingerprint, lr_factor, make_order, write_outputs
+from siren_batch.train.sft import build_units, encode, fingerprint, lr_factor, make_order, scorer_meta, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +191,12 @@ class SFTRun:
                 self.state["stopped"] = "early_stop"
 
     def _save_best(self) -> None:
+        """The weights plus siren_training.json, so a scorer handed only this folder
+        knows how to read it (target: residual means add the base back)."""
         with checkpoint.atomic_dir(self.run_dir / "best") as tmp:
             M.save_model(self.model, self.tokenizer, tmp, self.cfg.method)
+            (tmp / "siren_training.json").write_text(json.dumps(
+                {**scorer_meta(self.cfg), "base_model": self.path, "step": self.state["step"]}, indent=1))
         logger.info("best weights (step %d) -> %s", self.state["step"], self.run_dir / "best")
 
     # ---- checkpoints -----------------------------------------------------------------

@@ -121,11 +121,16 @@ def write_outputs(run_dir: Path, cfg: TrainConfig, state: dict, info: dict) -> d
                "examples_seen": state["examples_seen"], "wall_s": round(state["wall_s"], 1),
                "best": state["best"], "curve": state["curve"], "train_loss_by_step": state["losses"]}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    meta = {**info, "base_model_option": cfg.base_model, "method": cfg.method, "lora_r": cfg.lora_r,
-            "lora_alpha": cfg.lora_alpha, "lora_targets": list(cfg.lora_targets), "loss": cfg.loss,
-            "target": cfg.target, "variant": cfg.variant, "scale": list(objective.SCALE), "best": state["best"],
-            "status": metrics["status"], "steps_done": state["step"], "examples_seen": state["examples_seen"],
-            "prediction": ("clip(base + E[r] - 3, 1, 5) where base = the user+item bias prediction"
-                           if cfg.target == "residual" else "E[r]")}
+    meta = {**info, **scorer_meta(cfg), "base_model_option": cfg.base_model, "lora_r": cfg.lora_r,
+            "lora_alpha": cfg.lora_alpha, "lora_targets": list(cfg.lora_targets), "best": state["best"],
+            "status": metrics["status"], "steps_done": state["step"], "examples_seen": state["examples_seen"]}
     (run_dir / "training_meta.json").write_text(json.dumps(meta, indent=1))
     return metrics
+
+
+def scorer_meta(cfg: TrainConfig) -> dict:
+    """What a scorer must know to read the trained model's output."""
+    return {"method": cfg.method, "loss": cfg.loss, "target": cfg.target, "variant": cfg.variant,
+            "scale": list(objective.SCALE),
+            "prediction": ("clip(base + E[r] - 3, 1, 5) where base = the user+item bias prediction"
+                           if cfg.target == "residual" else "E[r]")}
