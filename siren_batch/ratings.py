@@ -94,7 +94,10 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
     from siren_batch.prompts import prompt_template_hash
     from siren_batch.scoring import score_frame
 
+    from siren_batch.calibration import load_if_present
+
     run_date = cfg.score.run_date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    load_if_present(cfg)  # a calibrator fit for other settings fails here, not after the scoring
     staging = f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}/_staging/ratings-{run_date}"
     with run_record(spark, cfg, "score") as rec:
         pairs, history = candidate_pairs(spark, cfg)

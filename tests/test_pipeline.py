@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 
 def _chain(spark, tmp_path_factory, *overrides):
     wh = tmp_path_factory.mktemp("wh")
-    cfg = load_config(overrides=[f"warehouse={wh}", *overrides])
+    # calibrate.enabled=false: a calibrator fit by hand beside the default model stays out of the tests
+    cfg = load_config(overrides=[f"warehouse={wh}", "calibrate.enabled=false", *overrides])
     summaries = {name: pipeline.STAGES[name](spark, cfg) for name in pipeline.SKETCH_CHAIN}
     return cfg, summaries
 
@@ -108,7 +109,7 @@ def test_score_nightly_candidates_rerun_and_resume(spark, ml100k, tmp_path, monk
     base, _ = ml100k
     inter = read_table(spark, base, "interactions", schemas.INTERACTIONS).toPandas()
     path, n = _candidates(spark, tmp_path, inter)
-    cfg = load_config(overrides=[f"warehouse={base.warehouse}", f"score.candidates={path}",
+    cfg = load_config(overrides=[f"warehouse={base.warehouse}", "calibrate.enabled=false", f"score.candidates={path}",
                                  "score.run_date=2026-01-01", "score.chunk_rows=4"])
 
     # A crash in the middle: the first committed chunks survive in staging.
@@ -151,7 +152,7 @@ def test_score_nightly_candidates_rerun_and_resume(spark, ml100k, tmp_path, monk
 
 def test_score_and_evaluate_test_split_sample(spark, ml100k):
     base, _ = ml100k
-    cfg = load_config(overrides=[f"warehouse={base.warehouse}", "score.run_date=2026-01-02",
+    cfg = load_config(overrides=[f"warehouse={base.warehouse}", "score.run_date=2026-01-02", "calibrate.enabled=false",
                                  "score.limit=12", "evaluate.scope=scored", "evaluate.als_ranks=[8]",
                                  "evaluate.als_reg_params=[0.1]", "evaluate.baselines=user_mean,bias,als"])
     summary = pipeline.score(spark, cfg)
@@ -159,8 +160,11 @@ def test_score_and_evaluate_test_split_sample(spark, ml100k):
     result = pipeline.evaluate(spark, cfg)
     metrics = read_table(spark, cfg, "metrics", schemas.METRICS).toPandas()
     mine = metrics[metrics.eval_id == result["eval_id"]]
-    assert set(mine.system) == {"llm:smollm2-135m-instruct", "baseline:user_mean", "baseline:bias",
+    llm = "llm:smollm2-135m-instruct"
+    assert set(mine.system) == {llm, f"{llm}/median", f"{llm}/argmax", "baseline:user_mean", "baseline:bias",
                                 "baseline:als"}
+    nll = mine[mine.metric == "nll"]
+    assert list(nll.system) == [llm] and nll.value.iloc[0] > 0 and nll.n.iloc[0] == 12
     cov = mine[(mine.metric == "coverage") & (mine.segment == "all")]
     assert (cov.value == 1.0).all() and (cov.n == 12).all()
     report = (pd.io.common.Path(base.table_path("reports")) / "latest.md").read_text()
