@@ -89,7 +89,8 @@ def test_lora_trains_only_lora_weights_of_the_target_modules(tiny_model, tok, tm
     changed = {n for n in before if not np.array_equal(before[n].numpy(), after[n].numpy())}
     trainable = set(M.trainable_params(run.model))
     assert trainable == {n for n in before if "lora_" in n}
-    assert all(("k_proj" in n or "v_proj" in n) for n in trainable) and len(trainable) == 2 * 2 * 2  # A, B x k, v x 2 layers
+    assert all(("k_proj" in n or "v_proj" in n) for n in trainable)
+    assert len(trainable) == 2 * 2 * 2                # lora_A, lora_B x k_proj, v_proj x 2 layers
     assert changed == trainable                       # every LoRA matrix moved (B first, then A), nothing else
 
 
@@ -312,3 +313,21 @@ def test_training_rows_sample_groups_render_prompts_and_join_the_base(spark, cfg
     assert valid.set_index("user_id").loc["u2", "base"] == pytest.approx(3.4 + 0.6 - 0.75)
     with pytest.raises(ValueError, match="test stays unseen"):
         training_frame(None, None, None, cfg, "test")
+
+
+def test_export_stage_takes_test_metrics_of_the_named_system(spark, cfg):
+    import dataclasses
+
+    from siren_batch import schemas
+    from siren_batch.train.stages import test_metrics
+    from siren_batch.warehouse import write_table
+
+    rows = [(eval_id, split, system, "all", metric, value, n) for eval_id, split, system, metric, value, n in [
+        ("2026-01-01-a", "test", "sft:x", "mae", 0.9, 10), ("2026-01-01-a", "test", "sft:x", "rmse", 1.1, 10),
+        ("2026-01-02-b", "test", "sft:x", "mae", 0.8, 12), ("2026-01-02-b", "test", "sft:x", "rmse", 1.0, 12),
+        ("2026-01-03-c", "valid", "sft:x", "mae", 0.1, 5), ("2026-01-03-c", "test", "llm:y", "mae", 0.2, 5)]]
+    write_table(spark.createDataFrame(rows, schemas.METRICS), cfg, "metrics", schemas.METRICS)
+    assert test_metrics(spark, cfg) is None                      # evaluate.system unset
+    cfg.evaluate = dataclasses.replace(cfg.evaluate, system="sft:x")
+    assert test_metrics(spark, cfg) == {"mae": 0.8, "rmse": 1.0, "n": 12, "split": "test", "eval_id": "2026-01-02-b",
+                                        "system": "sft:x"}
