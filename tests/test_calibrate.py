@@ -34,6 +34,7 @@ def test_calibration_beats_the_raw_readout_out_of_fold():
     cal = fit_calibrator(_frame(500), ["llm", "baselines"], folds=5)
     oof, raw = cal.meta["out_of_fold"], cal.meta["raw"]
     assert oof["rmse"] < raw["rmse"] and oof["nll"] < raw["nll"] and oof["median_mae"] < raw["median_mae"]
+    assert cal.meta["without_llm"]["nll"] > oof["nll"]   # the synthetic LLM carries signal: the ablation shows it
 
 
 def test_a_scale_point_absent_from_valid_keeps_probability_zero():

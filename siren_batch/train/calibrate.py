@@ -149,7 +149,8 @@ def fit_calibrator(frame: Any, groups: Sequence[str], folds: int = 5, seed: int 
     """Fit on a labelled pandas frame (label, probs, bias, als, counts). The logistic
     regression's C is the one with the best out-of-fold NLL; meta holds that C's
     out-of-fold valid metrics (selected on the same folds, so slightly optimistic)
-    beside the raw readouts' metrics on the same rows."""
+    beside the raw readouts' metrics on the same rows and, with the llm group and
+    others, the same fit without the llm features (what the scorer adds)."""
     labels = frame["label"].astype(float).to_numpy()
     x, names = feature_matrix(frame, groups)
     if len(x) < 10 * folds:
@@ -165,6 +166,10 @@ def fit_calibrator(frame: Any, groups: Sequence[str], folds: int = 5, seed: int 
     if "probs" in frame:
         probs = np.array(frame["probs"].tolist(), dtype=float)
         meta["raw"] = _metrics(labels, probs, probs @ VALUES, readout_median(probs, SCALE))
+    rest = [g for g in groups if g != "llm"]
+    if "llm" in groups and rest:  # the ablation: what the scorer adds beyond the other features
+        x_rest, _ = feature_matrix(frame, rest)
+        meta["without_llm"] = _metrics(labels, *_out_of_fold(x_rest, labels, best, folds, seed))
     logger.info("calibrator on %d rows (%s), C=%g: out-of-fold %s", len(x), "+".join(groups), best,
                 meta["out_of_fold"])
     return Calibrator(list(groups), distribution, point, [float(c) for c in distribution.classes_], meta)
