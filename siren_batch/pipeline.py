@@ -194,6 +194,13 @@ def calibrate(spark: SparkSession, cfg: Config) -> dict:
     return fit_and_store(spark, cfg)
 
 
+def train_probe(spark: SparkSession, cfg: Config) -> dict:
+    """Frozen hidden states + baselines -> the probe, fit on valid, scores probe.split."""
+    from siren_batch.train.probe import train_probe as fit_and_score
+
+    return fit_and_score(spark, cfg)
+
+
 def prepare_model(spark: SparkSession | None, cfg: Config) -> dict:
     from siren_batch.assets import convert_smollm2
 
@@ -209,6 +216,7 @@ STAGES: dict[str, Callable[[SparkSession, Config], dict]] = {
     "score": score,
     "evaluate": evaluate,
     "calibrate": calibrate,
+    "train-probe": train_probe,
     "train-sft": train_stages.train_sft,
     "export": train_stages.export,
 }
