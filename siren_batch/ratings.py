@@ -37,12 +37,13 @@ SCORED_COLUMNS = ["rating", "rating_median", "rating_argmax", "probs", "prompt_t
 
 
 def candidate_pairs(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame]:
-    from siren_batch.sketches import item_priors
-
     """(pairs with sketch columns, history) for the configured candidates.
 
     pairs: user_id, item_id, split, label, ts (null for nightly), sketch body,
-    the item's as-of prior (item_count, item_mean), plus `error` for pairs that cannot be prompted (unknown user or item)."""
+    the item's as-of prior (item_count, item_mean), plus `error` for pairs that
+    cannot be prompted (unknown user or item)."""
+    from siren_batch.sketches import item_priors
+
     history = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
     items = read_table(spark, cfg, "items", schemas.ITEMS).select("item_id")
     source = cfg.score.candidates
