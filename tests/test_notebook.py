@@ -11,8 +11,8 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "explore_table
 
 
 def _warehouse(spark, cfg):
-    rating = lambda u, i, r, err, day: (u, i, r, r, [0.1, 0.1, 0.2, 0.3, 0.3] if r else None, 300, 1,
-                                        "smollm2", None, "abc", "run1", err, day)
+    rating = lambda u, i, r, err, day: (u, i, r, r, r, [0.1, 0.1, 0.2, 0.3, 0.3] if r else None, 300, 1,
+                                        "smollm2", None, "abc", "run1", err, None, None, None, day)
     write_table(spark.createDataFrame([rating("u1", "i1", 3.8, None, "2026-01-01"),
                                        rating("u1", "i1", 4.1, None, "2026-01-02"),
                                        rating("u2", "i9", None, "unknown_item", "2026-01-02")],
