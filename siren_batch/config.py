@@ -159,7 +159,8 @@ class ScoreConfig:
     batch_size: int = 16              # prompts per forward pass (transformers)
     shared_prefix: bool = True        # transformers: one prefix pass per user, candidates from its KV cache
     shared_prefix_min_tokens: int = 32  # shared prefixes shorter than this run as plain batches (no gain)
-    torch_threads: int = 0            # transformers on CPU: torch intra-op threads; 0 = torch's default
+    torch_threads: int = 0            # transformers on CPU: torch intra-op threads per task; 0 = spark.task.cpus
+    partitions: int = 0               # scoring tasks (users are hashed over them); 0 = Spark's default parallelism
     device: str = "auto"              # auto | cpu | cuda
     dtype: str = "auto"               # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     max_new_tokens: int = 512         # cot mode only
@@ -178,6 +179,7 @@ class ScoreConfig:
                  "score.dtype must be auto, float32, bfloat16 or float16")
         _require(self.batch_size > 0 and self.chunk_rows > 0, "score.batch_size and score.chunk_rows must be > 0")
         _require(self.limit is None or self.limit > 0, "score.limit must be > 0 (or null for no limit)")
+        _require(self.partitions >= 0, "score.partitions must be >= 0 (0 = Spark's default parallelism)")
         _require(self.shared_prefix_min_tokens >= 1 and self.torch_threads >= 0,
                  "score.shared_prefix_min_tokens must be >= 1 and score.torch_threads >= 0 (0 = torch default)")
 

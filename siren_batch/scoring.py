@@ -7,6 +7,7 @@ the backend loaded once per Python worker through the model cache.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -77,16 +78,29 @@ def make_predict_fn(cfg: ScoreConfig) -> Callable[["pd.DataFrame"], "pd.DataFram
 def score_frame(prompts: "DataFrame", cfg: ScoreConfig) -> "DataFrame":
     """PROMPTS-like frame (user_id, item_id, prompt) -> SCORED rows, one per prompt.
 
-    With shared_prefix (answer-only) a user's prompts are moved into one partition
-    and next to each other, so they reach the backend in the same Arrow batch.
+    A user's prompts go to one of `score_tasks` partitions, next to each other, so
+    they reach the backend in the same Arrow batch (shared prefix). The count is
+    explicit because adaptive execution coalesces a small shuffle (thousands of
+    prompts, a few MB) into ONE partition: one task, one core, one GPU busy.
+    torch_threads=0 gives each task spark.task.cpus threads, the cores Spark
+    reserves for it, so concurrent tasks do not oversubscribe the CPU.
     """
+    spark = prompts.sparkSession
+    if cfg.torch_threads == 0:
+        cfg = dataclasses.replace(cfg, torch_threads=int(spark.conf.get("spark.task.cpus", "1")))
     predict = make_predict_fn(cfg)
 
     def run(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         for batch in batches:
             yield predict(batch)
 
-    rows = prompts.select("user_id", "item_id", "prompt")
+    rows = prompts.select("user_id", "item_id", "prompt").repartition(score_tasks(spark, cfg), "user_id")
     if cfg.shared_prefix and cfg.mode == "answer_only":
-        rows = rows.repartition("user_id").sortWithinPartitions("user_id")
+        rows = rows.sortWithinPartitions("user_id")
     return rows.mapInPandas(run, schema=SCORED)
+
+
+def score_tasks(spark, cfg: ScoreConfig) -> int:
+    """Scoring partitions: score.partitions, else Spark's default parallelism (the
+    cores of local mode; executors x cores on a cluster)."""
+    return cfg.partitions or max(1, spark.sparkContext.defaultParallelism)

@@ -228,6 +228,9 @@ def test_score_frame_on_spark(spark, tiny_model, prompts):
         row = got[f"i{k}"]
         assert row.error is None and math.isclose(sum(row.probs), 1.0, abs_tol=1e-9)
         assert row.user_id == groups[k] and 1.0 <= row.rating <= 5.0
+    # an explicit task count survives adaptive execution (which coalesces a small shuffle into one)
+    spread = score_frame(spark.createDataFrame(rows, PROMPTS), _cfg(tiny_model, partitions=3))
+    assert spread.rdd.getNumPartitions() == 3 and spread.count() == 5
 
 
 # ---- the bundled SmolLM2 on real prompts ------------------------------------------------------
