@@ -55,7 +55,8 @@ def newest_by_system(metrics: Any, runs: Any, split: str) -> dict[str, dict[str,
 
 
 def parse_meta(items: list[str]) -> dict[str, dict[str, Any]]:
-    """["sys=training_examples:0,device:cpu"] -> {"sys": {"training_examples": 0, "device": "cpu"}}."""
+    """["sys=training_examples:0,device:cpu"] -> {"sys": {"training_examples": 0, "device": "cpu"}};
+    "DATASET::sys=..." scopes the entry to one dataset (key "DATASET::sys")."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         system, _, pairs = item.partition("=")
@@ -63,6 +64,11 @@ def parse_meta(items: list[str]) -> dict[str, dict[str, Any]]:
             key, _, value = pair.partition(":")
             out.setdefault(system, {})[key] = int(value) if value.isdigit() else value
     return out
+
+
+def meta_for(meta: dict[str, dict[str, Any]], dataset: str, system: str) -> dict[str, Any]:
+    """The entry for `system`, overridden by a `dataset::system` one."""
+    return {**meta.get(system, {}), **meta.get(f"{dataset}::{system}", {})}
 
 
 def _fmt(value: Any) -> str:
@@ -84,6 +90,7 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
 def main(argv: list[str]) -> int:
     import pandas as pd
 
+    from siren_batch.evaluate import PAPER_ROWS
     from siren_batch.profiling import write_results
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -98,7 +105,11 @@ def main(argv: list[str]) -> int:
         root = Path(args.warehouse) / dataset
         runs = pd.read_parquet(root / "runs") if (root / "runs").exists() else pd.DataFrame()
         systems = newest_by_system(pd.read_parquet(root / "metrics"), runs, args.split)
-        table[dataset] = {s: {**r, **meta.get(s, {})} for s, r in systems.items()}
+        table[dataset] = {s: {**r, **meta_for(meta, dataset, s)} for s, r in systems.items()}
+        for name, quoted in PAPER_ROWS.get(dataset, {}).items():   # quoted, never measured here
+            if quoted.get("split", args.split) == args.split:
+                table[dataset][f"{name} (quoted)"] = {"readout": "quoted", "mae": quoted["mae"], "rmse": quoted["rmse"],
+                                                      "nll": None, "n": 0, "source": quoted["source"]}
     path = write_results("accuracy", {"split": args.split, "datasets": table}, markdown(table))
     logger.info("accuracy written to %s", path)
     return 0

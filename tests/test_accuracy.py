@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from siren_batch.accuracy import markdown, newest_by_system, parse_meta
+from siren_batch.accuracy import markdown, meta_for, newest_by_system, parse_meta
 
 
 def _metrics(eval_id, system, mae, rmse, nll=None):
@@ -29,3 +29,9 @@ def test_newest_evaluation_wins_and_readouts_are_named():
     text = markdown({"ml-100k": {s: {**r, **meta.get(s, {})} for s, r in out.items()}})
     rows = [line for line in text.splitlines() if line.startswith("| llm") or line.startswith("| baseline")]
     assert rows[0].startswith("| baseline:bias") and "| 0 | cpu |" in rows[1]     # sorted by RMSE
+
+
+def test_meta_can_be_scoped_to_a_dataset():
+    meta = parse_meta(["sys=training_examples:943,device:cpu", "siren-movies::sys=training_examples:600"])
+    assert meta_for(meta, "ml-100k", "sys") == {"training_examples": 943, "device": "cpu"}
+    assert meta_for(meta, "siren-movies", "sys") == {"training_examples": 600, "device": "cpu"}
