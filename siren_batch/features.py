@@ -64,6 +64,8 @@ def candidate_features(spark: SparkSession, cfg: Config, pairs: DataFrame,
     interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
     fit = interactions.select("user_id", "item_id", "rating")
     mu, user_bias, item_bias = baselines.fit_bias(fit, cfg.evaluate.bias_reg, cfg.evaluate.bias_iters)
+    # One feature row per distinct pair: a lookup table joined back onto every ratings row
+    # (repeated candidate rows all keep their own ratings row).
     targets = pairs.select(*KEY).dropDuplicates(KEY)
     targets = baselines.bias_predict(targets, mu, user_bias, item_bias, name="base")
     fit_base = baselines.bias_predict(fit, mu, user_bias, item_bias, name="base")
