@@ -71,7 +71,7 @@ def _warehouse(spark, cfg):
     """40 users x 6 items: 4 train ratings each, then a valid and a test one; topics trivial."""
     from siren_batch import schemas
     from siren_batch.config import SketchesConfig
-    from siren_batch.sketches import example_sketches
+    from siren_batch.sketches import example_sketches, serving_sketches
     from siren_batch.warehouse import write_table
 
     rng = np.random.default_rng(0)
@@ -89,6 +89,8 @@ def _warehouse(spark, cfg):
     write_table(items, cfg, "items", schemas.ITEMS)
     write_table(example_sketches(inter, items, item_topics, topics, SketchesConfig()), cfg, "example_sketches",
                 schemas.EXAMPLE_SKETCHES)
+    write_table(serving_sketches(inter, items, item_topics, topics, SketchesConfig()), cfg, "sketches",
+                schemas.SKETCHES)
     return rows
 
 
@@ -206,3 +208,23 @@ def test_train_probe_fits_on_valid_and_writes_a_scored_partition(spark, tmp_path
     assert len(rows) == 40 and all(r.model_id.startswith("probe:") and r.error is None for r in rows)
     for r in rows:
         assert abs(sum(r.probs) - 1) < 1e-9 and 1 <= r.rating <= 5 and r.rating_argmax == 1 + int(np.argmax(r.probs))
+
+
+def test_candidate_features_cover_unknown_users_and_items(spark, tmp_path):
+    from siren_batch.config import load_config
+    from siren_batch.features import candidate_features
+
+    cfg = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", "evaluate.als_max_iter=3"])
+    rows = _warehouse(spark, cfg)
+    pairs = spark.createDataFrame([("u1", "i2"), ("u1", "i2"), ("u1", "i99"), ("nobody", "i3")], ["user_id", "item_id"])
+    out = {(r.user_id, r.item_id): r for r in candidate_features(spark, cfg, pairs, (2, 0.1)).collect()}
+    assert len(out) == 3                                   # one lookup row per distinct pair
+    known = out[("u1", "i2")]
+    u1 = [r for u, _, r, _, _ in rows if u == "u1"]
+    i2 = [r for _, i, r, _, _ in rows if i == "i2"]
+    assert known.n_history == 6 and known.user_mean == pytest.approx(sum(u1) / 6)   # as of the end of history
+    assert known.item_count == len(i2) and known.item_mean == pytest.approx(sum(i2) / len(i2))
+    assert 1 <= known.bias <= 5 and 1 <= known.als <= 5
+    assert (out[("u1", "i99")].item_count, out[("u1", "i99")].item_mean) == (0, None)
+    assert (out[("nobody", "i3")].n_history, out[("nobody", "i3")].user_mean) == (0, None)
+    assert out[("nobody", "i3")].als == out[("nobody", "i3")].bias       # ALS knows no such user: the bias
