@@ -17,7 +17,6 @@ calibrator brings its own so a night needs no grid search).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from pyspark.sql import DataFrame, SparkSession

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Callable, Iterator
 
-import numpy as np
 from pyspark.sql import types as T
 
 from siren_batch import model_cache, schemas
