@@ -147,7 +147,7 @@ def run_bench(users: int, candidates: int, batch_size: int, cot_prompts: int, ma
 
 def _token_stats(backend, texts, groups) -> tuple[float, float]:
     """Mean prompt tokens, and mean shared prefix per user."""
-    from siren_batch.backends.transformers_backend import shared_prefix_len
+    from siren_batch.backends.plan import shared_prefix_len
 
     ids = backend.tokenizer(texts, add_special_tokens=False)["input_ids"]
     by_user: dict[str, list] = {}

@@ -156,7 +156,8 @@ class ScoreConfig:
     variant: str = "sketch"           # prompt variant: sketch | recent | raw
     run_date: str | None = None       # partition of the ratings table; None = today (UTC)
     limit: int | None = None          # score only this many candidates (a deterministic sample); demos, smoke tests
-    batch_size: int = 16              # prompts per forward pass (transformers)
+    batch_size: int = 16              # transformers: most prompts (or users' prefixes) per forward pass
+    batch_tokens: int = 16384         # transformers: most padded tokens per pass, attended context included
     shared_prefix: bool = True        # transformers: one prefix pass per user, candidates from its KV cache
     shared_prefix_min_tokens: int = 32  # shared prefixes shorter than this run as plain batches (no gain)
     torch_threads: int = 0            # transformers on CPU: torch intra-op threads per task; 0 = spark.task.cpus
@@ -177,7 +178,8 @@ class ScoreConfig:
         _require(self.device in ("auto", "cpu", "cuda"), "score.device must be auto, cpu or cuda")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  "score.dtype must be auto, float32, bfloat16 or float16")
-        _require(self.batch_size > 0 and self.chunk_rows > 0, "score.batch_size and score.chunk_rows must be > 0")
+        _require(self.batch_size > 0 and self.batch_tokens > 0 and self.chunk_rows > 0,
+                 "score.batch_size, score.batch_tokens and score.chunk_rows must be > 0")
         _require(self.limit is None or self.limit > 0, "score.limit must be > 0 (or null for no limit)")
         _require(self.partitions >= 0, "score.partitions must be >= 0 (0 = Spark's default parallelism)")
         _require(self.shared_prefix_min_tokens >= 1 and self.torch_threads >= 0,

@@ -16,7 +16,8 @@ import pytest
 from siren_batch import model_cache
 from siren_batch.config import ScoreConfig
 from siren_batch.backends import SCALE, ScoringError, parse_answer, rating_token_ids, readout, readout_median
-from siren_batch.backends.transformers_backend import TransformersBackend, shared_prefix_len
+from siren_batch.backends.plan import shared_prefix_len
+from siren_batch.backends.transformers_backend import TransformersBackend
 from siren_batch.scoring import SCORED_COLUMNS, make_predict_fn, score_frame
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -109,8 +110,8 @@ def test_one_at_a_time_batched_and_shared_prefix_agree(backend, prompts):
         backend.cfg = dataclasses.replace(backend.cfg, **kw)
         before = backend.stats["prefix_passes"]
         runs[name] = backend.score(texts, groups)
-        # shared: one pass for the prefix common to all prompts, then one per user on top of it
-        assert (backend.stats["prefix_passes"] - before) == (3 if name == "shared" else 0)
+        # shared: one pass for the prefix common to all prompts, then ONE for both users' prefixes
+        assert (backend.stats["prefix_passes"] - before) == (2 if name == "shared" else 0)
     single = _probs(runs["single"])
     np.testing.assert_allclose(_probs(runs["batched"]), single, atol=1e-5)
     np.testing.assert_allclose(_probs(runs["shared"]), single, atol=1e-5)
@@ -148,6 +149,69 @@ def test_bad_rows_get_errors_and_the_rest_still_scores(backend, prompts):
     np.testing.assert_allclose(_probs([results[0], results[3]]), _probs(alone), atol=1e-5)
     with pytest.raises(ValueError, match="2 prompts but 1 groups"):
         backend.score(texts[:2], ["u1"])
+
+
+def _mixed_prompts(tok) -> tuple[list[str], list[str]]:
+    """Users with 3, 1, 2 and 4 candidates, sketches from 3 to ~60 tokens, and one
+    candidate that fills the model's whole window (128 positions)."""
+    def prompt(sketch: str, item: str) -> str:
+        messages = [{"role": "system", "content": "Rate 1-5."},
+                    {"role": "user", "content": f"{sketch}\nCandidate: {item}\nRating?"}]
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + SUFFIX
+
+    long = "The user likes drama and thriller topics, rated 4 and 5. Recent ratings: Heat, Crime|Drama, 5"
+    users = {"long": (long + " Alien, Horror|Sci-Fi, 2", ["Up", "Heat 2, Crime", "Alien 3"]),
+             "one": ("Likes thriller.", ["Heat, Crime|Drama"]),
+             "short": ("Drama.", ["Up, Animation", "Alien"]),
+             "full": ("Likes drama.", ["Up", "Alien, Horror", "Heat", "Up" + " drama" * 75])}
+    rows = [(user, prompt(sketch, item)) for user, (sketch, items) in users.items() for item in items]
+    return [p for _, p in rows], [g for g, _ in rows]
+
+
+def test_cross_user_batching_matches_one_at_a_time(backend):
+    """Every path, however the passes are cut, gives the one-at-a-time probabilities."""
+    texts, groups = _mixed_prompts(backend.tokenizer)
+    lengths = [len(backend.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert max(lengths) == backend.max_positions == 128 and min(lengths) < 60
+    runs, passes = {}, {}
+    for name, kw in {"single": dict(batch_size=1, shared_prefix=False),
+                     "plain": dict(batch_size=8, batch_tokens=300, shared_prefix=False),
+                     "one_bucket": dict(batch_size=64, batch_tokens=10**6, shared_prefix=True),
+                     "two_users_a_pass": dict(batch_size=2, batch_tokens=10**6, shared_prefix=True),
+                     "tight_budget": dict(batch_size=64, batch_tokens=200, shared_prefix=True)}.items():
+        backend.cfg = dataclasses.replace(backend.cfg, **kw)
+        before = dict(backend.stats)
+        runs[name] = _probs(backend.score(texts, groups))
+        passes[name] = {k: backend.stats[k] - before[k] for k in ("forward_passes", "prefix_passes")}
+        np.testing.assert_allclose(runs[name], runs["single"], atol=1e-4, err_msg=name)
+    # three users share prefixes ("one" has one candidate): root + ONE prefix pass for all three,
+    # then their 9 candidates in one suffix pass and "one" as a plain row
+    assert passes["one_bucket"] == {"forward_passes": 4, "prefix_passes": 2}
+    assert passes["two_users_a_pass"]["prefix_passes"] == 3
+    assert passes["tight_budget"]["forward_passes"] > passes["one_bucket"]["forward_passes"]
+    assert passes["plain"]["forward_passes"] > 2            # the token budget cut the plain batches
+
+
+def test_a_failing_row_fails_alone_with_its_reason(backend, monkeypatch):
+    texts, groups = _mixed_prompts(backend.tokenizer)
+    bad = texts.index(next(t for t in texts if "Alien 3" in t))
+    encode = lambda t: set(backend.tokenizer(t, add_special_tokens=False)["input_ids"])
+    poison = next(iter(encode(texts[bad]) - set().union(*(encode(t) for i, t in enumerate(texts) if i != bad))))
+    forward = backend.model.forward
+
+    def failing_forward(*args, **kw):
+        if (kw["input_ids"] == poison).any():
+            raise RuntimeError("poisoned row")
+        return forward(*args, **kw)
+
+    backend.cfg = dataclasses.replace(backend.cfg, batch_size=1, shared_prefix=False)
+    expected = _probs(backend.score(texts[:bad] + texts[bad + 1:], groups[:bad] + groups[bad + 1:]))
+    monkeypatch.setattr(backend.model, "forward", failing_forward)
+    backend.cfg = dataclasses.replace(backend.cfg, batch_size=64, batch_tokens=10**6, shared_prefix=True)
+    results = backend.score(texts, groups)
+    assert results[bad].error == "forward_failed: RuntimeError: poisoned row" and results[bad].probs is None
+    assert results[bad].prompt_tokens == len(backend.tokenizer(texts[bad], add_special_tokens=False)["input_ids"])
+    np.testing.assert_allclose(_probs(results[:bad] + results[bad + 1:]), expected, atol=1e-4)
 
 
 def test_lora_adapter_changes_the_readout(tiny_model, tmp_path, backend, prompts):
@@ -236,6 +300,8 @@ def test_score_frame_on_spark(spark, tiny_model, prompts):
 # ---- the bundled SmolLM2 on real prompts ------------------------------------------------------
 
 def test_smollm2_paths_agree_on_real_prompts(shared_movies):
+    """Real siren-movies prompts of mixed users: 3 and 1 candidates with ~500-token
+    prefixes, and 2 candidates with a prefix a few hundred tokens shorter, in one bucket."""
     from siren_batch.assets import AssetError
     from siren_batch.bench_score import real_prompts
 
@@ -243,10 +309,50 @@ def test_smollm2_paths_agree_on_real_prompts(shared_movies):
         smol = TransformersBackend(ScoreConfig(device="cpu", shared_prefix_min_tokens=16))
     except AssetError as err:
         pytest.skip(str(err))
-    texts, groups = real_prompts(smol.tokenizer, shared_movies, users=1, candidates=2)
+    texts, groups = real_prompts(smol.tokenizer, shared_movies, users=2, candidates=3)
+    texts, groups = texts[:4], groups[:4]                       # the second user keeps one candidate
+    short, _ = real_prompts(smol.tokenizer, shared_movies, users=1, candidates=2, recent=1)
+    texts, groups = texts + short, groups + ["short", "short"]
     shared = smol.score(texts, groups)
-    assert smol.stats["prefix_passes"] == 1
+    assert smol.stats["prefix_passes"] == 2                     # the root, then both users at once
     smol.cfg = dataclasses.replace(smol.cfg, batch_size=1, shared_prefix=False)
     single = smol.score(texts, groups)
     np.testing.assert_allclose(_probs(shared), _probs(single), atol=1e-4)
-    assert all(300 <= r.prompt_tokens <= 900 for r in single)
+    lengths = [r.prompt_tokens for r in single]
+    assert all(300 <= n <= 900 for n in lengths[:4]) and max(lengths) - min(lengths) > 100
+
+
+# ---- the GPU benchmark's code path, run on the CPU ------------------------------------------
+
+def test_bench_score_gpu_without_a_gpu_says_so(capsys):
+    import torch
+
+    from siren_batch import bench_gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the no-GPU message does not apply")
+    assert bench_gpu.main([]) == 0
+    assert "no CUDA GPU on this machine" in capsys.readouterr().out
+
+
+def test_bench_score_gpu_paths_on_cpu(backend, tmp_path, monkeypatch):
+    """The benchmark end to end (one layer of the default shape, bf16, CPU) from a
+    --save-inputs folder: every path scores every pair and agrees with plain batches."""
+    import json
+
+    from siren_batch import bench_gpu, profiling
+
+    texts, groups = _mixed_prompts(backend.tokenizer)
+    bench_gpu.save_inputs(tmp_path / "inputs", backend.tokenizer, texts, groups)
+    monkeypatch.setattr(profiling, "RESULTS_DIR", tmp_path / "results")
+    argv = ["--inputs", str(tmp_path / "inputs"), "--device", "cpu", "--layers", "1", "--shapes", "smollm2-135m",
+            "--cot-prompts", "2", "--max-new-tokens", "4", "--name", "gpu"]
+    assert bench_gpu.main(argv) == 0
+    result = json.loads((tmp_path / "results" / "gpu.json").read_text())
+    paths = result["shapes"]["smollm2-135m"]["paths"]
+    assert set(paths) == {"plain_b64", "plain_b256", "cross_user", "raw_forward_256"}
+    for name in ("plain_b64", "plain_b256", "cross_user"):
+        assert paths[name]["errors"] == 0 and paths[name]["max_abs_prob_diff_vs_plain_b64"] < 0.03
+    assert paths["cross_user"]["tokens"] < paths["plain_b64"]["tokens"]
+    assert result["shapes"]["smollm2-135m"]["cot"]["pairs"] == 2
+    assert "| smollm2-135m | cross_user |" in (tmp_path / "results" / "gpu.md").read_text()

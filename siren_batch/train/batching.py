@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from siren_batch.backends.transformers_backend import shared_prefix_len
+from siren_batch.backends.plan import shared_prefix_len
 
 # Pack an example behind another's prefix only when the shared part is at least this
 # fraction of its prompt: a dense 4D mask costs attention over the whole row, so short
