@@ -1,0 +1,73 @@
+"""The SIREN release: Amazon Movies & TV with its own train/valid/test split (JSONL.gz)."""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F, types as T
+
+from siren_batch.config import Config
+from siren_batch.readers.raw import CORRUPT, item_text, need, raw_interactions, raw_items
+
+_SIREN_HISTORY = T.StructType([
+    T.StructField("user_id", T.StringType()), T.StructField("history", T.StringType()),
+    T.StructField("history_asins", T.ArrayType(T.StringType())),
+    T.StructField("history_ratings", T.ArrayType(T.StringType())),
+    T.StructField(CORRUPT, T.StringType())])
+_SIREN_ROW = T.StructType([T.StructField(n, T.StringType()) for n in
+                           ("user_id", "parent_asin", "timestamp", "label", "target", CORRUPT)])
+
+
+def _split_text(desc: Column) -> tuple[Column, Column]:
+    """("Title", "cat1|cat2") from "Title, cat1|cat2", split at the LAST ", "
+    (titles may contain ", "); no ", " at all gives an empty title (-> empty_text)."""
+    return F.regexp_extract(desc, r"^(.*), (.*)$", 1), F.regexp_extract(desc, r"^(.*), (.*)$", 2)
+
+
+def read_siren_movies(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, str]:
+    """Interactions = each user's history plus its valid and test rows; item id = parent_asin.
+
+    train.jsonl.gz holds exactly the suffix of each user's `history_asins` (in order,
+    with timestamps); the first len(history) - n_train items (>= 3) carry no
+    timestamp. They are kept as train rows with an imputed, order-preserving ts:
+    ts_i = (first known ts of the user) - (n_prefix - i) * 1000 ms, i = 0..n_prefix-1.
+    Items come from the history lines and targets ("Title, cats"); each distinct
+    (item, text) variant is one raw item row, so differing texts become duplicates.
+    """
+    folder = need(spark, cfg.data.path, "data.path")
+    read = spark.read.option("columnNameOfCorruptRecord", CORRUPT)
+    hist = read.schema(_SIREN_HISTORY).json(f"{folder}/history.jsonl.gz")
+    rows = None
+    for split in ("train", "valid", "test"):
+        part = read.schema(_SIREN_ROW).json(f"{folder}/{split}.jsonl.gz").withColumn("split", F.lit(split))
+        rows = part if rows is None else rows.unionByName(part)
+    per_user = rows.groupBy("user_id").agg(
+        F.min(F.col("timestamp").try_cast("double")).alias("_first_ts"),
+        F.sum(F.when(F.col("split") == "train", 1).otherwise(0)).alias("_n_train"))
+    lines = (hist.withColumn("_lines", F.split("history", "\n"))  # _outer: a corrupt row stays
+             .select("user_id", CORRUPT, F.size("history_asins").alias("_n"), F.posexplode_outer(
+                 F.arrays_zip("history_asins", "history_ratings", "_lines")).alias("pos", "h"))
+             .select("user_id", CORRUPT, "_n", "pos", F.col("h.history_asins").alias("item_id"),
+                     F.col("h.history_ratings").alias("rating"), F.col("h._lines").alias("line")))
+    n_prefix = F.col("_n") - F.coalesce(F.col("_n_train"), F.lit(0))
+    prefix = (lines.join(per_user, on="user_id", how="left")
+              .where((F.col("pos") < n_prefix) | F.col(CORRUPT).isNotNull())
+              .withColumn("ts", (F.col("_first_ts") - (n_prefix - F.col("pos")) * 1000)
+                          .cast("long").cast("string"))
+              .withColumn("split", F.lit("train")).withColumn("file", F.lit("history.jsonl.gz")))
+    inter = (raw_interactions(prefix, "user_id", "item_id", "rating", "ts", F.col("split"),
+                               ["file", "user_id", "pos", "item_id", "rating", "line"])
+             .unionByName(raw_interactions(rows, "user_id", "parent_asin", "label", "timestamp",
+                                            F.col("split"))))
+    parsed = F.col(CORRUPT).isNull()  # a corrupt row is already an interaction reject
+    line_desc = F.regexp_extract("line", r"^(.*), [^,]*$", 1)  # "Title, cats, 4" -> "Title, cats"
+    descs = (lines.where(parsed).select("item_id", line_desc.alias("desc"))
+             .unionByName(rows.where(parsed).select(F.col("parent_asin").alias("item_id"),
+                                                    F.col("target").alias("desc")))
+             .groupBy("item_id", "desc").count())  # one raw row per distinct text of an item
+    title, cats = _split_text(F.col("desc"))
+    cat_list = F.filter(F.split(cats, r"\|"), lambda c: c != "")
+    items = raw_items(descs, F.col("item_id"), title, F.when(cats != "", cats),
+                       item_text(title, cat_list), ["item_id", "desc"])
+    return items, inter, "ms"
+
+
