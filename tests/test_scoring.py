@@ -26,7 +26,7 @@ SUFFIX = "\n<think>\n</think>\n<answer>"
 
 
 def _cfg(folder, **kw) -> ScoreConfig:
-    base = dict(model=str(folder), device="cpu", shared_prefix_min_tokens=8, max_new_tokens=8)
+    base = dict(model=str(folder), device="cpu", dtype="float32", shared_prefix_min_tokens=8, max_new_tokens=8)
     return ScoreConfig(**{**base, **kw})
 
 
@@ -306,7 +306,7 @@ def test_smollm2_paths_agree_on_real_prompts(shared_movies):
     from siren_batch.bench_score import real_prompts
 
     try:
-        smol = TransformersBackend(ScoreConfig(device="cpu", shared_prefix_min_tokens=16))
+        smol = TransformersBackend(ScoreConfig(device="cpu", dtype="float32", shared_prefix_min_tokens=16))
     except AssetError as err:
         pytest.skip(str(err))
     texts, groups = real_prompts(smol.tokenizer, shared_movies, users=2, candidates=3)
