@@ -65,7 +65,7 @@ def _bench_transformers(texts: list[str], groups: list[str], vllm_results: list[
 
     from siren_batch.backends.transformers_backend import TransformersBackend
 
-    backend = TransformersBackend(ScoreConfig(device="cpu"))
+    backend = TransformersBackend(ScoreConfig(device="cpu", dtype="float32"))  # vLLM on CPU runs fp32
     backend.score(texts[:2], groups[:2])  # warm-up
     start = time.perf_counter()
     results = backend.score(texts, groups)

@@ -163,7 +163,7 @@ class ScoreConfig:
     torch_threads: int = 0            # transformers on CPU: torch intra-op threads per task; 0 = spark.task.cpus
     partitions: int = 0               # scoring tasks (users are hashed over them); 0 = Spark's default parallelism
     device: str = "auto"              # auto | cpu | cuda
-    dtype: str = "auto"               # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"               # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | float32 | bfloat16 | float16
     max_new_tokens: int = 512         # cot mode only
     chunk_rows: int = 20000           # rows per committed chunk; a crashed run resumes at chunk level
     progress_every_s: float = 30.0    # seconds between progress log lines

@@ -175,7 +175,7 @@ def test_answer_states_are_the_last_position_whatever_the_batch(long_tiny_model)
     from siren_batch.backends.transformers_backend import TransformersBackend
     from siren_batch.config import ScoreConfig
 
-    backend = TransformersBackend(ScoreConfig(model=str(long_tiny_model), device="cpu", batch_size=3))
+    backend = TransformersBackend(ScoreConfig(model=str(long_tiny_model), device="cpu", dtype="float32", batch_size=3))
     prompts = ["short one <answer>", "a much longer prompt about Heat, Crime|Drama, 5 <answer>", "mid <answer>", " "]
     states, errors = backend.answer_states(prompts, [2, 1])
     assert states.shape == (4, 64) and errors == [None, None, None, "empty_prompt"]
