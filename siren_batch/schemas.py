@@ -24,7 +24,7 @@ ITEMS = T.StructType([
 
 REJECTS = T.StructType([
     T.StructField("source", T.StringType(), False),   # interactions | items
-    T.StructField("reason", T.StringType(), False),   # see data.REJECT_REASONS
+    T.StructField("reason", T.StringType(), False),   # a code of data.REJECT_REASONS [": detail"]
     T.StructField("record", T.StringType(), True),    # the raw row as JSON
 ])
 

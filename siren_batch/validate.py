@@ -3,13 +3,17 @@
 Pure DataFrame functions: every input row comes out either kept or rejected with
 exactly one reason, so `input == kept + rejected` holds by construction.
 
-Readers (siren_batch.data) hand over string-typed frames (RAW_INTERACTIONS,
+Readers (siren_batch.readers) hand over string-typed frames (RAW_INTERACTIONS,
 RAW_ITEMS) so that bad values reach these checks instead of turning into nulls
 inside a typed reader. Checks run in this order; the first failing one wins:
 
-  interactions: malformed, missing_id, bad_rating, bad_timestamp, bad_split,
-                duplicate, unknown_item          (then k-core: kcore)
-  items:        malformed, missing_id, empty_text, duplicate
+  interactions: malformed_line | malformed_json (the reader's `defect`), missing_id,
+                bad_rating, bad_timestamp, bad_split, duplicate, unknown_item
+                (then k-core: kcore)
+  items:        malformed_line | malformed_json, missing_id, empty_text, duplicate
+
+A reason is a code from the lists below, optionally followed by ": detail"
+("malformed_line: 5 fields, header has 4"); counts are per code (reason_code).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from siren_batch import schemas
 
 logger = logging.getLogger(__name__)
 
-INTERACTION_REASONS = ("malformed", "missing_id", "bad_rating", "bad_timestamp", "bad_split",
+MALFORMED = ("malformed_line", "malformed_json")  # set by a reader: CSV/TSV, JSON Lines
+INTERACTION_REASONS = (*MALFORMED, "missing_id", "bad_rating", "bad_timestamp", "bad_split",
                        "duplicate", "unknown_item", "kcore")
-ITEM_REASONS = ("malformed", "missing_id", "empty_text", "duplicate")
+ITEM_REASONS = (*MALFORMED, "missing_id", "empty_text", "duplicate")
 NOT_BAD_DATA = ("kcore",)  # removed by design; does not count toward data.max_reject_fraction
 
 # ts beyond 2200-01-01 in ms is a unit mistake (micro/nanoseconds), and would overflow a long.
@@ -38,12 +43,12 @@ RAW_INTERACTIONS = T.StructType([
     T.StructField("rating", _S),                 # number as text
     T.StructField("ts", _S),                     # epoch number (unit ts_unit) or ISO text
     T.StructField("split", _S),                  # train | valid | test, or null
-    T.StructField("record", _S),                 # the raw row as JSON
-    T.StructField("malformed", T.BooleanType()),  # the reader could not parse the row
+    T.StructField("record", _S),                 # the raw row as JSON, or the raw line when malformed
+    T.StructField("defect", _S),                 # null, or why the reader could not parse the row (a reason)
 ])
 RAW_ITEMS = T.StructType([
     T.StructField("item_id", _S), T.StructField("title", _S), T.StructField("genres", _S),
-    T.StructField("text", _S), T.StructField("record", _S), T.StructField("malformed", T.BooleanType()),
+    T.StructField("text", _S), T.StructField("record", _S), T.StructField("defect", _S),
 ])
 
 
@@ -51,12 +56,22 @@ def _blank(col: str) -> Column:
     return F.col(col).isNull() | (F.trim(F.col(col)) == "")
 
 
-def _first_reason(checks: list[tuple[str, Column]]) -> Column:
+def _first_reason(checks: list[tuple[str | Column, Column]]) -> Column:
     """A `reason` column: the name of the first check that is true, else null."""
     out = F.lit(None).cast("string")
     for name, failed in reversed(checks):
-        out = F.when(failed, F.lit(name)).otherwise(out)
+        out = F.when(failed, F.lit(name) if isinstance(name, str) else name).otherwise(out)
     return out
+
+
+def _reader_defect() -> tuple[Column, Column]:
+    """The reader's own reason ("malformed_line: ..."), checked before any value."""
+    return F.col("defect"), F.col("defect").isNotNull()
+
+
+def reason_code(reason: Column) -> Column:
+    """"malformed_line" of "malformed_line: 5 fields, header has 4"."""
+    return F.substring_index(reason, ":", 1)
 
 
 def _mark_duplicates(df: DataFrame, keys: list[str], order: list[Column]) -> DataFrame:
@@ -91,7 +106,7 @@ def validate_interactions(raw: DataFrame, items: DataFrame, *, rating_min: float
     rating = F.col("rating").try_cast("double")
     ts = parse_ts("ts", ts_unit)
     checks = [
-        ("malformed", F.coalesce(F.col("malformed"), F.lit(False))),
+        _reader_defect(),
         ("missing_id", _blank("user_id") | _blank("item_id")),
         ("bad_rating", rating.isNull() | F.isnan(rating) | (rating < rating_min) | (rating > rating_max)),
         ("bad_timestamp", ts.isNull() | (ts < 0) | (ts >= MAX_TS_MS)),
@@ -123,7 +138,7 @@ def validate_items(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
     A blank genres value becomes null.
     """
     checks = [
-        ("malformed", F.coalesce(F.col("malformed"), F.lit(False))),
+        _reader_defect(),
         ("missing_id", _blank("item_id")),
         ("empty_text", _blank("title") | _blank("text")),
     ]
@@ -191,6 +206,6 @@ def leave_last_out_split(df: DataFrame) -> DataFrame:
 
 
 def reason_counts(rejects: DataFrame) -> dict[tuple[str, str], int]:
-    """{(source, reason): rows} of a REJECTS frame (one small aggregation)."""
-    rows = rejects.groupBy("source", "reason").count().collect()
+    """{(source, reason code): rows} of a REJECTS frame (one small aggregation)."""
+    rows = rejects.groupBy("source", reason_code(F.col("reason")).alias("reason")).count().collect()
     return {(r["source"], r["reason"]): int(r["count"]) for r in rows}

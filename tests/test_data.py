@@ -166,9 +166,10 @@ def test_amazon2023_reader(spark, tmp_path):
         ("u1", "P1", 1.0, 3000), ("u1", "P2", 3.0, 2000), ("u2", "P1", 4.0, 1500)]
     rejects = collect(result.rejects)
     assert sorted(zip(rejects.source, rejects.reason)) == [
-        ("interactions", "bad_rating"), ("interactions", "duplicate"), ("interactions", "malformed"),
+        ("interactions", "bad_rating"), ("interactions", "duplicate"),
+        ("interactions", "malformed_json: not one JSON object"),
         ("interactions", "unknown_item"), ("items", "empty_text")]
-    assert "broken" in rejects[rejects.reason == "malformed"].record.iloc[0]
+    assert "broken" in rejects[rejects.reason.str.startswith("malformed_json")].record.iloc[0]
     items = collect(result.items).set_index("item_id")
     assert items.loc["P1"].text == "Title: Alien. Category: Movies & TV, Sci-Fi. Feature: Widescreen. Color."
     assert (items.loc["P2"].genres, items.loc["P2"].text) == ("Movies & TV", "Title: Heat. Category: Movies & TV.")

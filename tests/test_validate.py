@@ -11,9 +11,10 @@ from siren_batch import validate
 from siren_batch.data import RejectsExceeded, check_reject_fraction
 
 
-def raw_inter(spark, rows, malformed=()):
-    """rows: (user_id, item_id, rating, ts, split) as text; record = the row as JSON."""
-    data = [(*r, json.dumps(r), i in malformed) for i, r in enumerate(rows)]
+def raw_inter(spark, rows, defects=None):
+    """rows: (user_id, item_id, rating, ts, split) as text; record = the row as JSON;
+    defects: {row index: the reader's reason}."""
+    data = [(*r, json.dumps(r), (defects or {}).get(i)) for i, r in enumerate(rows)]
     return spark.createDataFrame(data, validate.RAW_INTERACTIONS)
 
 
@@ -22,9 +23,9 @@ def items_df(spark, ids=("i1", "i2", "i3")):
                                  "item_id string, title string, genres string, text string")
 
 
-def run(spark, rows, *, malformed=(), source_split=False, ts_unit="ms", items=None):
+def run(spark, rows, *, defects=None, source_split=False, ts_unit="ms", items=None):
     kept, rejects = validate.validate_interactions(
-        raw_inter(spark, rows, malformed), items or items_df(spark), rating_min=1.0, rating_max=5.0,
+        raw_inter(spark, rows, defects), items or items_df(spark), rating_min=1.0, rating_max=5.0,
         ts_unit=ts_unit, source_split=source_split)
     return kept.collect(), rejects.collect()
 
@@ -59,9 +60,26 @@ def test_each_bad_value_is_rejected_with_its_reason(spark, bad_row, reason):
 
 def test_malformed_rows_are_rejected_even_when_values_look_fine(spark):
     kept, rejects = run(spark, [("u1", "i1", "4", "10", None), ("u2", "i2", "3", "20", None)],
-                        malformed=(0,))
+                        defects={0: "malformed_line: 5 fields, header has 4"})
     assert [r.user_id for r in kept] == ["u2"]
-    assert [r.reason for r in rejects] == ["malformed"]
+    assert [r.reason for r in rejects] == ["malformed_line: 5 fields, header has 4"]
+
+
+def test_a_malformed_row_takes_no_part_in_deduplication(spark):
+    # The malformed row is the latest by ts: it must neither win nor push the real row out.
+    kept, rejects = run(spark, [("u1", "i1", "4", "10", None), ("u1", "i1", "5", "99", None)],
+                        defects={1: "malformed_json: not one JSON object"})
+    assert [(r.rating, r.ts) for r in kept] == [(4.0, 10)]
+    assert [r.reason for r in rejects] == ["malformed_json: not one JSON object"]
+
+
+def test_reason_counts_are_per_code(spark):
+    rejects = spark.createDataFrame(
+        [("interactions", "malformed_line: 5 fields, header has 4", "a"),
+         ("interactions", "malformed_line: unbalanced quote", "b"), ("interactions", "bad_rating", "c"),
+         ("items", "malformed_json: not one JSON object", "d")], "source string, reason string, record string")
+    assert validate.reason_counts(rejects) == {("interactions", "malformed_line"): 2,
+                                               ("interactions", "bad_rating"): 1, ("items", "malformed_json"): 1}
 
 
 def test_first_failing_check_wins(spark):
@@ -100,8 +118,8 @@ def test_input_equals_kept_plus_rejected(spark):
     assert len(kept) == 1
 
 
-def raw_items(spark, rows, malformed=()):
-    data = [(*r, json.dumps(r), i in malformed) for i, r in enumerate(rows)]
+def raw_items(spark, rows, defects=None):
+    data = [(*r, json.dumps(r), (defects or {}).get(i)) for i, r in enumerate(rows)]
     return spark.createDataFrame(data, validate.RAW_ITEMS)
 
 
@@ -119,9 +137,10 @@ def test_items_rejects(spark, bad_row, reason):
 
 def test_malformed_items_rejected(spark):
     items, rejects = validate.validate_items(
-        raw_items(spark, [("i1", "A", "g", "A."), ("i2", "B", "g", "B.")], malformed=(1,)))
+        raw_items(spark, [("i1", "A", "g", "A."), ("i2", "B", "g", "B.")],
+                  defects={1: "malformed_line: unbalanced quote"}))
     assert [r.item_id for r in items.collect()] == ["i1"]
-    assert [r.reason for r in rejects.collect()] == ["malformed"]
+    assert [r.reason for r in rejects.collect()] == ["malformed_line: unbalanced quote"]
 
 
 def pairs(spark, rows):

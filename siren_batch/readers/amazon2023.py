@@ -6,15 +6,15 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F, types as T
 
 from siren_batch.config import Config
-from siren_batch.readers.raw import CORRUPT, item_text, need, raw_interactions, raw_items
+from siren_batch.readers.lines import read_jsonl
+from siren_batch.readers.raw import item_text, need, raw_interactions, raw_items
 
 _AMAZON_REVIEW = T.StructType([T.StructField(n, T.StringType()) for n in (
     "rating", "title", "text", "asin", "parent_asin", "user_id", "timestamp", "helpful_vote",
-    "verified_purchase", CORRUPT)])
+    "verified_purchase")])
 _AMAZON_META = T.StructType([
     *[T.StructField(n, T.StringType()) for n in ("parent_asin", "title", "main_category", "store")],
-    *[T.StructField(n, T.ArrayType(T.StringType())) for n in ("categories", "features", "description")],
-    T.StructField(CORRUPT, T.StringType())])
+    *[T.StructField(n, T.ArrayType(T.StringType())) for n in ("categories", "features", "description")]])
 
 
 def read_amazon2023(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, str]:
@@ -25,9 +25,8 @@ def read_amazon2023(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFr
     """
     reviews_path = need(spark, cfg.data.path, "data.path")
     meta_path = need(spark, cfg.data.items_path, "data.items_path")
-    read = spark.read.option("columnNameOfCorruptRecord", CORRUPT).option("mode", "PERMISSIVE")
-    reviews = read.schema(_AMAZON_REVIEW).json(reviews_path)
-    meta = read.schema(_AMAZON_META).json(meta_path)
+    reviews = read_jsonl(spark, reviews_path, _AMAZON_REVIEW, ("user_id", "parent_asin"))
+    meta = read_jsonl(spark, meta_path, _AMAZON_META, ("parent_asin",))
     cats = F.filter(F.coalesce(F.col("categories"), F.array()), lambda c: F.trim(c) != "")
     cats = F.when(F.size(cats) > 0, cats).otherwise(
         F.when(F.trim(F.col("main_category")) != "", F.array(F.col("main_category"))).otherwise(F.array()))

@@ -16,7 +16,9 @@ from siren_batch import assets
 from siren_batch.config import ConfigError
 from siren_batch.warehouse import path_exists
 
-CORRUPT = "_corrupt_record"  # Spark's column for rows its JSON reader could not parse
+CORRUPT = "_corrupt_record"  # the raw text of a line the reader could not parse (its reject record)
+DEFECT = "_defect"           # why a reader could not parse a row: the reject reason, else null
+_INTERNAL = (CORRUPT, DEFECT)
 
 
 def resolve(path: str) -> str:
@@ -45,21 +47,27 @@ def _record(df: DataFrame, cols: list[str]) -> Column:
     return F.coalesce(F.col(CORRUPT), row) if CORRUPT in df.columns else row
 
 
+def _defect(df: DataFrame) -> Column:
+    return F.col(DEFECT) if DEFECT in df.columns else F.lit(None).cast("string")
+
+
+def data_columns(df: DataFrame) -> list[str]:
+    """The columns of `df` that came from the input (not CORRUPT, DEFECT)."""
+    return [c for c in df.columns if c not in _INTERNAL]
+
+
 def raw_interactions(df: DataFrame, user: str, item: str, rating: str, ts: str,
                      split: Column | None = None, cols: list[str] | None = None) -> DataFrame:
-    cols = cols or [c for c in df.columns if c != CORRUPT]
-    malformed = F.col(CORRUPT).isNotNull() if CORRUPT in df.columns else F.lit(False)
     return df.select(F.col(user).alias("user_id"), F.col(item).alias("item_id"),
                      F.col(rating).alias("rating"), F.col(ts).alias("ts"),
                      (split if split is not None else F.lit(None).cast("string")).alias("split"),
-                     _record(df, cols).alias("record"), malformed.alias("malformed"))
+                     _record(df, cols or data_columns(df)).alias("record"), _defect(df).alias("defect"))
 
 
 def raw_items(df: DataFrame, item: Column, title: Column, genres: Column, text: Column,
               cols: list[str]) -> DataFrame:
-    malformed = F.col(CORRUPT).isNotNull() if CORRUPT in df.columns else F.lit(False)
     return df.select(item.alias("item_id"), title.alias("title"), genres.alias("genres"),
-                     text.alias("text"), _record(df, cols).alias("record"), malformed.alias("malformed"))
+                     text.alias("text"), _record(df, cols).alias("record"), _defect(df).alias("defect"))
 
 
 def item_text(title: Column, categories: Column, features: Column | None = None) -> Column:

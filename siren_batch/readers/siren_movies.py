@@ -6,15 +6,23 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F, types as T
 
 from siren_batch.config import Config
-from siren_batch.readers.raw import CORRUPT, item_text, need, raw_interactions, raw_items
+from siren_batch.readers.lines import read_jsonl
+from siren_batch.readers.raw import CORRUPT, DEFECT, item_text, need, raw_interactions, raw_items
 
 _SIREN_HISTORY = T.StructType([
     T.StructField("user_id", T.StringType()), T.StructField("history", T.StringType()),
     T.StructField("history_asins", T.ArrayType(T.StringType())),
-    T.StructField("history_ratings", T.ArrayType(T.StringType())),
-    T.StructField(CORRUPT, T.StringType())])
+    T.StructField("history_ratings", T.ArrayType(T.StringType()))])
 _SIREN_ROW = T.StructType([T.StructField(n, T.StringType()) for n in
-                           ("user_id", "parent_asin", "timestamp", "label", "target", CORRUPT)])
+                           ("user_id", "parent_asin", "timestamp", "label", "target")])
+
+
+def _history_lengths(line: Column) -> Column:
+    """A history line whose asins, ratings and text lines differ in number cannot be
+    zipped into (item, rating, text) rows: the reason, else null."""
+    n = [F.size(line["history_asins"]), F.size(line["history_ratings"]), F.size(F.split(line["history"], "\n"))]
+    return F.when((n[0] != n[1]) | (n[0] != n[2]), F.format_string(
+        "malformed_json: %d history_asins, %d history_ratings, %d history lines", *n))
 
 
 def _split_text(desc: Column) -> tuple[Column, Column]:
@@ -34,23 +42,24 @@ def read_siren_movies(spark: SparkSession, cfg: Config) -> tuple[DataFrame, Data
     (item, text) variant is one raw item row, so differing texts become duplicates.
     """
     folder = need(spark, cfg.data.path, "data.path")
-    read = spark.read.option("columnNameOfCorruptRecord", CORRUPT)
-    hist = read.schema(_SIREN_HISTORY).json(f"{folder}/history.jsonl.gz")
+    hist = read_jsonl(spark, f"{folder}/history.jsonl.gz", _SIREN_HISTORY, ("user_id",), _history_lengths)
     rows = None
     for split in ("train", "valid", "test"):
-        part = read.schema(_SIREN_ROW).json(f"{folder}/{split}.jsonl.gz").withColumn("split", F.lit(split))
+        part = (read_jsonl(spark, f"{folder}/{split}.jsonl.gz", _SIREN_ROW, ("user_id", "parent_asin"))
+                .withColumn("split", F.lit(split)))
         rows = part if rows is None else rows.unionByName(part)
     per_user = rows.groupBy("user_id").agg(
         F.min(F.col("timestamp").try_cast("double")).alias("_first_ts"),
         F.sum(F.when(F.col("split") == "train", 1).otherwise(0)).alias("_n_train"))
-    lines = (hist.withColumn("_lines", F.split("history", "\n"))  # _outer: a corrupt row stays
-             .select("user_id", CORRUPT, F.size("history_asins").alias("_n"), F.posexplode_outer(
-                 F.arrays_zip("history_asins", "history_ratings", "_lines")).alias("pos", "h"))
-             .select("user_id", CORRUPT, "_n", "pos", F.col("h.history_asins").alias("item_id"),
+    zipped = F.arrays_zip("history_asins", "history_ratings", F.split("history", "\n").alias("_lines"))
+    lines = (hist  # a malformed line is one row (_outer), its reject
+             .select("user_id", CORRUPT, DEFECT, F.size("history_asins").alias("_n"), F.posexplode_outer(
+                 F.when(F.col(DEFECT).isNull(), zipped)).alias("pos", "h"))
+             .select("user_id", CORRUPT, DEFECT, "_n", "pos", F.col("h.history_asins").alias("item_id"),
                      F.col("h.history_ratings").alias("rating"), F.col("h._lines").alias("line")))
     n_prefix = F.col("_n") - F.coalesce(F.col("_n_train"), F.lit(0))
     prefix = (lines.join(per_user, on="user_id", how="left")
-              .where((F.col("pos") < n_prefix) | F.col(CORRUPT).isNotNull())
+              .where((F.col("pos") < n_prefix) | F.col(DEFECT).isNotNull())
               .withColumn("ts", (F.col("_first_ts") - (n_prefix - F.col("pos")) * 1000)
                           .cast("long").cast("string"))
               .withColumn("split", F.lit("train")).withColumn("file", F.lit("history.jsonl.gz")))
@@ -58,7 +67,7 @@ def read_siren_movies(spark: SparkSession, cfg: Config) -> tuple[DataFrame, Data
                                ["file", "user_id", "pos", "item_id", "rating", "line"])
              .unionByName(raw_interactions(rows, "user_id", "parent_asin", "label", "timestamp",
                                             F.col("split"))))
-    parsed = F.col(CORRUPT).isNull()  # a corrupt row is already an interaction reject
+    parsed = F.col(DEFECT).isNull()  # a malformed row is already an interaction reject
     line_desc = F.regexp_extract("line", r"^(.*), [^,]*$", 1)  # "Title, cats, 4" -> "Title, cats"
     descs = (lines.where(parsed).select("item_id", line_desc.alias("desc"))
              .unionByName(rows.where(parsed).select(F.col("parent_asin").alias("item_id"),

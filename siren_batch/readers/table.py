@@ -7,7 +7,7 @@ from pyspark.sql import functions as F
 
 from siren_batch.config import Config, ConfigError
 from siren_batch.readers.lines import read_delimited
-from siren_batch.readers.raw import item_text, need, raw_interactions, raw_items
+from siren_batch.readers.raw import data_columns, item_text, need, raw_interactions, raw_items
 
 
 def _read_user_table(spark: SparkSession, cfg: Config, key: str) -> tuple[DataFrame, str]:
@@ -27,11 +27,11 @@ def _columns(df: DataFrame, path: str, mapping: dict[str, str], key: str,
     out: dict[str, Column | None] = {}
     for name in required + optional:
         source = mapping.get(name, name)
-        if source in df.columns:
+        if source in data_columns(df):
             out[name] = F.col(f"`{source}`").cast("string")
         elif name in required or name in mapping:
             raise ConfigError(f"column {source!r} ({name}) not found in {path} (columns: "
-                              f"{', '.join(df.columns)}); set {key}.{name}=<column>")
+                              f"{', '.join(data_columns(df))}); set {key}.{name}=<column>")
         else:
             out[name] = None
     return out
@@ -48,12 +48,13 @@ def read_table(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, 
                  [] if cfg.data.split == "source" else ["split"])
     canonical = [(col if col is not None else F.lit(None).cast("string")).alias(f"_{n}") for n, col in c.items()]
     raw_inter = raw_interactions(inter.select("*", *canonical), "_user_id", "_item_id", "_rating", "_ts",
-                                  F.col("_split") if "split" in c else None, cols=inter.columns)
+                                  F.col("_split") if "split" in c else None, cols=data_columns(inter))
     ic = _columns(items, items_path, cfg.data.item_columns, "data.item_columns",
                   ["item_id", "title"], ["genres", "text"])
     genres = ic["genres"] if ic["genres"] is not None else F.lit(None).cast("string")
     cats = F.filter(F.split(F.coalesce(genres, F.lit("")), r"\|"), lambda g: g != "")
     text = ic["text"] if ic["text"] is not None else item_text(ic["title"], cats)
-    return raw_items(items, ic["item_id"], ic["title"], genres, text, items.columns), raw_inter, cfg.data.ts_unit
+    return (raw_items(items, ic["item_id"], ic["title"], genres, text, data_columns(items)),
+            raw_inter, cfg.data.ts_unit)
 
 

@@ -1,0 +1,183 @@
+"""Bad input, each kind in a 3-5-row file with its reject reason; input rows = kept + rejected.
+
+Delimited files (table CSV, MovieLens TSV) and JSON Lines (Amazon 2023, siren-movies)
+reject a bad line as a row.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import uuid
+
+import pytest
+
+from siren_batch.config import load_config
+from siren_batch.data import ingest
+
+RELAXED = ["data.kcore=0", "data.max_reject_fraction=1"]  # small files: keep every row, never fail
+
+
+def folder(tmp_path):
+    path = tmp_path / uuid.uuid4().hex[:8]  # new paths each call: no stale Spark cache
+    path.mkdir()
+    return path
+
+
+def run(spark, tmp_path, *overrides):
+    return ingest(spark, load_config(overrides=[f"warehouse={tmp_path / 'wh'}", *RELAXED, *overrides]))
+
+
+def rejects(result):
+    return sorted((r.source, r.reason, r.record) for r in result.rejects.collect())
+
+
+def kept(result):
+    return sorted((r.user_id, r.item_id, r.rating, r.ts) for r in result.interactions.collect())
+
+
+def assert_reconciled(result, inputs, items):
+    c = result.counts
+    assert (c["input_interactions"], c["input_items"]) == (inputs, items)
+    for s in ("interactions", "items"):
+        assert c[f"input_{s}"] == c[f"kept_{s}"] + c[f"rejected_{s}"]
+
+
+# ---- CSV (data.source=table) -----------------------------------------------------------
+
+ITEMS_CSV = "item_id,title\ni1,One\ni2,Two\ni3,Three\n"
+
+
+def csv_source(tmp_path, inter, items=ITEMS_CSV):
+    d = folder(tmp_path)
+    (d / "inter.csv").write_bytes(inter.encode())
+    (d / "items.csv").write_bytes(items.encode())
+    return [f"data.path={d / 'inter.csv'}", f"data.items_path={d / 'items.csv'}", "data.format=csv",
+            "data.source=table"]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ("u1,i1,5,900,oops", "malformed_line: 5 fields, header has 4"),  # later ts: would win de-duplication
+    ("u1,i1,5", "malformed_line: 3 fields, header has 4"),
+    ('u1,"i1,5,900', "malformed_line: unbalanced quote"),           # mid-line: swallows nothing below
+    ('u1,i1,5,"900', "malformed_line: unbalanced quote"),           # last field: Spark's CSV reads 900
+    ('u1,i1,"5"x,900', "malformed_line: unbalanced quote"),         # text after a closing quote
+], ids=["extra_field", "missing_field", "open_quote_mid_line", "open_quote_last_field", "text_after_quote"])
+def test_csv_malformed_line(spark, tmp_path, bad, reason):
+    result = run(spark, tmp_path, *csv_source(tmp_path, f"user_id,item_id,rating,ts\nu1,i1,4,100\n{bad}\nu2,i2,3,200\n"))
+    assert kept(result) == [("u1", "i1", 4.0, 100), ("u2", "i2", 3.0, 200)]
+    assert rejects(result) == [("interactions", reason, bad)]  # the raw line is the record
+    assert result.counts["rejected_interactions_malformed_line"] == 1
+    assert_reconciled(result, 3, 3)
+
+
+def test_csv_good_lines_rfc4180_crlf_blank_and_repeated_header(spark, tmp_path):
+    inter = 'user_id,item_id,rating,ts\r\nu1,i1,4,100\r\n\r\nuser_id,item_id,rating,ts\r\n"u,2",i2,3,200\r\n'
+    items = 'item_id,title\ni1,"Heat, the ""director\'s"" cut"\ni2,12" Vinyl\n'
+    result = run(spark, tmp_path, *csv_source(tmp_path, inter, items))
+    assert kept(result) == [("u,2", "i2", 3.0, 200), ("u1", "i1", 4.0, 100)] and rejects(result) == []
+    titles = sorted(r.title for r in result.items.collect())
+    assert titles == ['12" Vinyl', 'Heat, the "director\'s" cut']  # a quote inside a field is a character
+    assert_reconciled(result, 2, 2)  # the blank line and the repeated header are no rows
+
+
+def test_csv_malformed_item_line(spark, tmp_path):
+    items = "item_id,title\ni1,One\ni2,Two,extra\ni3,Three\n"
+    result = run(spark, tmp_path, *csv_source(tmp_path, "user_id,item_id,rating,ts\nu1,i1,4,100\nu1,i2,3,200\n", items))
+    assert rejects(result) == [("interactions", "unknown_item", '{"user_id":"u1","item_id":"i2","rating":"3","ts":"200"}'),
+                               ("items", "malformed_line: 3 fields, header has 2", "i2,Two,extra")]
+    assert_reconciled(result, 2, 3)
+
+
+# ---- MovieLens TSV (RecBole atomic files; a quote is a plain character) ---------------
+
+def test_movielens_tsv_malformed_lines(spark, tmp_path):
+    d = folder(tmp_path)
+    (d / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                                     "1\t10\t4\t100\n1\t11\t5\t200\t7\n2\t10\t3\n2\t12\t2\t300\n")
+    (d / "ml-100k.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                                    '10\tDr. "Strange\t1964\tComedy\n11\tHeat\t1995\n12\tAlien\t1979\tHorror Sci-Fi\n')
+    result = run(spark, tmp_path, "dataset=ml-100k", f"data.path={d}")
+    assert kept(result) == [("1", "10", 4.0, 100_000), ("2", "12", 2.0, 300_000)]
+    assert [(s, r) for s, r, _ in rejects(result)] == [
+        ("interactions", "malformed_line: 3 fields, header has 4"),
+        ("interactions", "malformed_line: 5 fields, header has 4"),
+        ("items", "malformed_line: 3 fields, header has 4")]
+    assert {r.item_id: r.title for r in result.items.collect()}["10"] == 'Dr. "Strange (1964)'
+    assert_reconciled(result, 4, 3)
+
+
+# ---- Amazon Reviews 2023 JSONL -------------------------------------------------------------
+
+def review(user, asin, rating=4.0, ts=1000):
+    return json.dumps({"rating": rating, "parent_asin": asin, "user_id": user, "timestamp": ts})
+
+
+META = [{"parent_asin": "P1", "title": "Alien", "categories": ["Sci-Fi"]},
+        {"parent_asin": "P2", "title": "Heat", "categories": []}]
+
+
+def amazon_source(tmp_path, reviews, meta=None):
+    d = folder(tmp_path)
+    (d / "reviews.jsonl").write_text("".join(f"{r}\n" for r in reviews))
+    (d / "meta.jsonl").write_text("".join(f"{m if isinstance(m, str) else json.dumps(m)}\n" for m in meta or META))
+    return ["dataset=amazon2023", f"data.path={d / 'reviews.jsonl'}", f"data.items_path={d / 'meta.jsonl'}"]
+
+
+NOT_ONE = "malformed_json: not one JSON object"
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ('{"rating": 5.0, "user_id": "u1", broken', NOT_ONE),
+    (review("u1", "P1", 5.0, 9000) + " trailing", NOT_ONE),        # Spark alone keeps the first object
+    (review("u1", "P1", 5.0, 9000) + review("u3", "P2"), NOT_ONE),  # two records glued: one row, one reject
+    (f'[{review("u3", "P1")}, {review("u4", "P2")}]', NOT_ONE),    # Spark alone makes two rows
+    ('"u1"', NOT_ONE),
+    (json.dumps({"rating": 5.0, "parent_asin": "P1", "user_id": ["u1"], "timestamp": 1}),
+     "malformed_json: user_id is an array or object, not a value"),
+    (json.dumps({"rating": {"stars": 5}, "parent_asin": "P1", "user_id": "u3", "timestamp": 1}), "bad_rating"),
+], ids=["truncated", "text_after_object", "two_objects", "top_level_array", "not_an_object", "id_is_array",
+        "rating_is_object"])
+def test_amazon_review_defect(spark, tmp_path, bad, reason):
+    result = run(spark, tmp_path, *amazon_source(tmp_path, [review("u1", "P1"), bad, review("u2", "P2", 3.0, 2000)]))
+    assert kept(result) == [("u1", "P1", 4.0, 1000), ("u2", "P2", 3.0, 2000)]
+    [(source, got, record)] = rejects(result)
+    assert (source, got) == ("interactions", reason)
+    assert record == bad or reason == "bad_rating"  # a malformed line is its own record
+    assert_reconciled(result, 3, 2)
+
+
+def test_amazon_meta_field_of_the_wrong_type(spark, tmp_path):
+    bad = json.dumps({"parent_asin": "P3", "title": "Up", "categories": "Animation"})  # not an array
+    result = run(spark, tmp_path, *amazon_source(tmp_path, [review("u1", "P1"), review("u1", "P3")], [*META, bad, ""]))
+    assert rejects(result) == [
+        ("interactions", "unknown_item", '{"rating":"4.0","parent_asin":"P3","user_id":"u1","timestamp":"1000"}'),
+        ("items", "malformed_json: a field does not have its declared type", bad)]
+    assert_reconciled(result, 2, 3)  # the blank line is no row
+
+
+# ---- siren-movies JSONL.gz ------------------------------------------------------------------
+
+def write_gz(path, lines):
+    with gzip.open(path, "wt") as f:
+        f.writelines(f"{line if isinstance(line, str) else json.dumps(line)}\n" for line in lines)
+
+
+def test_siren_movies_malformed_lines(spark, tmp_path):
+    d = folder(tmp_path)
+    good = {"user_id": "u1", "history": "A, c1, 4\nB, c2, 3\nC, c1, 5", "history_asins": ["A", "B", "C"],
+            "history_ratings": [4, 3, 5]}
+    uneven = {"user_id": "u2", "history": "A, c1, 2\nB, c2, 3", "history_asins": ["A", "B", "C"],
+              "history_ratings": [2, 3]}  # cannot be zipped: which rating or title goes with C?
+    write_gz(d / "history.jsonl.gz", [good, uneven])
+    row = {"user_id": "u1", "parent_asin": "C", "timestamp": 3000, "label": 5.0, "target": "C, c1"}
+    write_gz(d / "train.jsonl.gz", [row])
+    write_gz(d / "valid.jsonl.gz", [{**row, "parent_asin": "D", "timestamp": 4000, "target": "D, c2"},
+                                    '{"user_id": "u2", "parent_asin": "D"'])
+    write_gz(d / "test.jsonl.gz", [{**row, "parent_asin": "E", "timestamp": 5000, "target": "E, c2"}])
+    result = run(spark, tmp_path, "dataset=siren-movies", f"data.path={d}")
+    assert [i for _, i, _, _ in kept(result)] == ["A", "B", "C", "D", "E"]
+    assert rejects(result) == [
+        ("interactions", "malformed_json: 3 history_asins, 2 history_ratings, 2 history lines", json.dumps(uneven)),
+        ("interactions", NOT_ONE, '{"user_id": "u2", "parent_asin": "D"')]
+    assert_reconciled(result, 7, 5)  # u1: 2 history-only + train + valid + test; u2: 1 + 1; items A-E
