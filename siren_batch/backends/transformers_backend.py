@@ -27,6 +27,7 @@ import numpy as np
 from siren_batch.assets import resolve_llm
 from siren_batch.config import ScoreConfig
 from siren_batch.backends.base import SCALE, ScoreResult, parse_answer, rating_token_ids, readout
+from siren_batch.backends.device import max_positions, pick_device, pick_dtype
 from siren_batch.backends.plan import Prefix, chunk_by_tokens, prefix_groups, shared_prefix_len
 
 logger = logging.getLogger(__name__)
@@ -66,49 +67,6 @@ def _generated_length(new: list[int], eos: set[int], pad: int) -> int:
     return len(new)
 
 
-def _pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Without it
-    torch emulates bf16 and runs slower than fp32.
-
-    >>> cpu_has_bf16("flags : fpu avx2 avx512f avx512_bf16"), cpu_has_bf16("flags : fpu avx2")
-    (True, False)
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:     # not Linux: stay with fp32
-            return False
-    flags = set(cpuinfo.split())
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _pick_dtype(dtype: str, device: str):
-    """auto: bf16 on a GPU and on a CPU with native bf16 (2.4x fp32 on the dev machine,
-    ratings within 0.15 of fp32: tests/test_scoring.py), else fp32."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
-    return getattr(torch, dtype)
-
-
-def _max_positions(config, tokenizer) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and 0 < limit < 10**7 else None
-
-
 class TransformersBackend:
     """AutoModelForCausalLM (+ optional merged LoRA adapter) in eval mode."""
 
@@ -119,13 +77,13 @@ class TransformersBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
-        self.device = _pick_device(cfg.device)
+        self.device = pick_device(cfg.device)
         if cfg.torch_threads and self.device == "cpu":
             torch.set_num_threads(cfg.torch_threads)
         if model is None:
             path = resolve_llm(cfg.model)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=_pick_dtype(cfg.dtype, self.device))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(cfg.dtype, self.device))
             if cfg.adapter:
                 from peft import PeftModel
 
@@ -137,7 +95,7 @@ class TransformersBackend:
         self.model = model.to(self.device).eval()
         self.adapter_id = cfg.adapter
         self.rating_ids = rating_token_ids(self.tokenizer, SCALE)
-        self.max_positions = _max_positions(model.config, self.tokenizer)
+        self.max_positions = max_positions(model.config, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         # Work done so far (benchmarks, tests): forward passes, prefix passes, real and padded tokens.
