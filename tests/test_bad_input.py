@@ -1,7 +1,7 @@
 """Bad input, each kind in a 3-5-row file with its reject reason; input rows = kept + rejected.
 
 Delimited files (table CSV, MovieLens TSV) and JSON Lines (Amazon 2023, siren-movies)
-reject a bad line as a row.
+reject a bad line as a row; a Parquet column of the wrong type fails the whole read.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import gzip
 import json
 import uuid
 
+import pandas as pd
 import pytest
 
-from siren_batch.config import load_config
+from siren_batch.config import ConfigError, load_config
 from siren_batch.data import ingest
 
 RELAXED = ["data.kcore=0", "data.max_reject_fraction=1"]  # small files: keep every row, never fail
@@ -181,3 +182,54 @@ def test_siren_movies_malformed_lines(spark, tmp_path):
         ("interactions", "malformed_json: 3 history_asins, 2 history_ratings, 2 history lines", json.dumps(uneven)),
         ("interactions", NOT_ONE, '{"user_id": "u2", "parent_asin": "D"')]
     assert_reconciled(result, 7, 5)  # u1: 2 history-only + train + valid + test; u2: 1 + 1; items A-E
+
+
+# ---- Parquet: a column of the wrong type is a file problem (one line) ----------------------
+
+def parquet_source(tmp_path, inter: pd.DataFrame | list[pd.DataFrame]):
+    d = folder(tmp_path)
+    if isinstance(inter, list):  # a folder of part files
+        (d / "inter").mkdir()
+        for n, part in enumerate(inter):
+            part.to_parquet(d / "inter" / f"part-{n}.parquet", index=False)
+    else:
+        inter.to_parquet(d / "inter", index=False)
+    pd.DataFrame({"item_id": ["i1", "i2"], "title": ["One", "Two"]}).to_parquet(d / "items", index=False)
+    return [f"data.path={d / 'inter'}", f"data.items_path={d / 'items'}", "data.source=table"]
+
+
+def inter_frame(**columns):
+    base = {"user_id": ["u1", "u2", "u3"], "item_id": ["i1", "i2", "i1"], "rating": [4.0, 3.0, 5.0],
+            "ts": [100, 200, 300]}
+    return pd.DataFrame({**base, **columns})
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"rating": [{"stars": 4}, {"stars": 3}, {"stars": 5}]},
+     r"column 'rating' \(rating\) in .* is struct<stars:bigint>; rating needs a number or string column"),
+    ({"rating": [[4.0], [3.0], [5.0]]}, r"is array<double>; rating needs a number or string column"),
+    ({"item_id": [1.0, 2.0, 1.0]}, r"\(item_id\) .* is double; item_id needs a string or integer column"),
+    ({"ts": pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"]).as_unit("ms")},
+     r"\(ts\) .* is timestamp.*set data.ts_unit=iso"),
+    ({"ts": pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"]).as_unit("ns")},
+     r"data.path: .* has a column of a Parquet type Spark cannot read \(INT64 \(TIMESTAMP\(NANOS,false\)\)\)"),
+], ids=["rating_struct", "rating_array", "float_id", "timestamp_ts_not_iso", "nanosecond_timestamp"])
+def test_parquet_column_of_the_wrong_type(spark, tmp_path, columns, message):
+    with pytest.raises(ConfigError, match=message):
+        run(spark, tmp_path, *parquet_source(tmp_path, inter_frame(**columns)))
+
+
+def test_parquet_timestamp_column_with_ts_unit_iso(spark, tmp_path):
+    times = pd.to_datetime(["2024-01-01 00:00:00", "2024-01-02 00:00:00", "1970-01-01 00:00:01"]).as_unit("us")
+    frame = inter_frame(ts=times, rating=["4", "x", "5"])
+    result = run(spark, tmp_path, *parquet_source(tmp_path, frame), "data.ts_unit=iso")
+    assert kept(result) == [("u1", "i1", 4.0, 1704067200000), ("u3", "i1", 5.0, 1000)]
+    assert [r for _, r, _ in rejects(result)] == ["bad_rating"]
+    assert_reconciled(result, 3, 2)
+
+
+def test_parquet_part_files_that_disagree_on_a_type(spark, tmp_path):
+    parts = [inter_frame(), inter_frame(rating=["4", "3", "5"])]
+    with pytest.raises(ConfigError, match=r"data.path: the Parquet files in .* disagree on a column's type "
+                                          r'\("DOUBLE" and "STRING"\); rewrite them with one schema'):
+        run(spark, tmp_path, *parquet_source(tmp_path, parts))
