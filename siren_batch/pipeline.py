@@ -31,10 +31,13 @@ def ingest(spark: SparkSession, cfg: Config) -> dict:
     with run_record(spark, cfg, "ingest") as rec:
         result = read_source(spark, cfg)
         counts = result.counts
-        rec.rejected_rows = write_table(result.rejects, cfg, "rejects", schemas.REJECTS)
+        write_table(result.rejects, cfg, "rejects", schemas.REJECTS)
         rec.output_rows = write_table(result.interactions, cfg, "interactions", schemas.INTERACTIONS)
         items = write_table(result.items, cfg, "items", schemas.ITEMS)
+        # The run record is about interactions, so that input = output + rejected holds
+        # there too; the rejects table also holds the item rejects (counts: rejected_items).
         rec.input_rows = counts["input_interactions"]
+        rec.rejected_rows = counts["rejected_interactions"]
         summary = {**counts, "items_written": items}
         logger.info("ingest counts: %s", summary)
         try:

@@ -13,8 +13,10 @@ import uuid
 import pandas as pd
 import pytest
 
+from siren_batch import pipeline, schemas
 from siren_batch.config import ConfigError, load_config
 from siren_batch.data import ingest
+from siren_batch.warehouse import read_table
 
 RELAXED = ["data.kcore=0", "data.max_reject_fraction=1"]  # small files: keep every row, never fail
 
@@ -88,6 +90,16 @@ def test_csv_malformed_item_line(spark, tmp_path):
     assert rejects(result) == [("interactions", "unknown_item", '{"user_id":"u1","item_id":"i2","rating":"3","ts":"200"}'),
                                ("items", "malformed_line: 3 fields, header has 2", "i2,Two,extra")]
     assert_reconciled(result, 2, 3)
+
+
+def test_ingest_run_record_reconciles_with_item_rejects(spark, tmp_path):
+    items = "item_id,title\ni1,One\ni2,Two,extra\n"
+    cfg = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", *RELAXED, *csv_source(
+        tmp_path, "user_id,item_id,rating,ts\nu1,i1,4,100\nu1,i2,3,200\n", items)])
+    summary = pipeline.ingest(spark, cfg)
+    run = read_table(spark, cfg, "runs", schemas.RUNS).toPandas().iloc[-1]
+    assert (run.input_rows, run.output_rows, run.rejected_rows) == (2, 1, 1)  # item rejects not mixed in
+    assert (summary["rejected_items"], read_table(spark, cfg, "rejects", schemas.REJECTS).count()) == (1, 2)
 
 
 # ---- MovieLens TSV (RecBole atomic files; a quote is a plain character) ---------------
