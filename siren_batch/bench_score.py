@@ -3,7 +3,7 @@
 Realistic prompts from data/siren-movies: per user, the authors' sketch text plus
 the 10 most recent ratings (a ~300-500 token prefix), then one of several
 candidates (~30 tokens) and the answer-only suffix. Measures pairs/s for
-one-at-a-time, batched and batched+shared-prefix on the same prompts, achieved
+one-at-a-time, batched and batched+shared-prefix on the same prompts, in fp32 and bf16, achieved
 GFLOP/s against a matmul peak measured in the same run, and CoT vs answer-only
 seconds per pair.
 """
@@ -101,48 +101,52 @@ def _timed(backend, texts, groups, **overrides) -> dict:
 
 
 def run_bench(users: int, candidates: int, batch_size: int, cot_prompts: int, max_new_tokens: int,
-              data_dir: Path) -> dict:
+              data_dir: Path, dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict:
     import torch
 
     from siren_batch.backends.transformers_backend import TransformersBackend
 
-    backend = TransformersBackend(ScoreConfig(device="cpu", batch_size=batch_size))
-    texts, groups = real_prompts(backend.tokenizer, data_dir, users, candidates)
-    n_params = sum(p.numel() for p in backend.model.parameters())
-    n_nonembed = n_params - backend.model.get_input_embeddings().weight.numel()
     peak = matmul_peak_gflops()
-    backend.score(texts[:2], groups[:2])  # warm-up
-    paths = {"one_at_a_time": dict(batch_size=1, shared_prefix=False),
-             "batched": dict(batch_size=batch_size, shared_prefix=False),
-             "batched_shared_prefix": dict(batch_size=batch_size, shared_prefix=True)}
     rows, probs = {}, {}
-    for name, overrides in paths.items():
-        run = _timed(backend, texts, groups, **overrides)
-        probs[name] = np.array([r.probs for r in run["results"]])
-        rows[name] = {"pairs": len(texts), "seconds": round(run["seconds"], 2),
-                      "cpu_seconds": round(run["cpu_seconds"], 2),
-                      "pairs_per_s": round(len(texts) / run["seconds"], 2),
-                      "tokens_processed": run["tokens"], "tokens_with_padding": run["padded_tokens"],
-                      "forward_passes": run["forward_passes"], "prefix_passes": run["prefix_passes"],
-                      "gflops_nonembed": round(2 * n_nonembed * run["tokens"] / run["seconds"] / 1e9, 1),
-                      "gflops_all_params": round(2 * n_params * run["tokens"] / run["seconds"] / 1e9, 1)}
-        rows[name]["pct_of_peak"] = round(100 * rows[name]["gflops_nonembed"] / peak, 1)
-        logger.info("bench %s: %s", name, rows[name])
-    base = rows["one_at_a_time"]["pairs_per_s"]
+    for dtype in dtypes:
+        backend = TransformersBackend(ScoreConfig(device="cpu", dtype=dtype, batch_size=batch_size))
+        texts, groups = real_prompts(backend.tokenizer, data_dir, users, candidates)
+        n_params = sum(p.numel() for p in backend.model.parameters())
+        n_nonembed = n_params - backend.model.get_input_embeddings().weight.numel()
+        backend.score(texts[:2], groups[:2])  # warm-up
+        paths = {"one_at_a_time": dict(batch_size=1, shared_prefix=False),
+                 "batched": dict(batch_size=batch_size, shared_prefix=False),
+                 "batched_shared_prefix": dict(batch_size=batch_size, shared_prefix=True)}
+        for path, overrides in paths.items():
+            name = f"{path}/{dtype}"
+            run = _timed(backend, texts, groups, **overrides)
+            probs[name] = np.array([r.probs for r in run["results"]])
+            rows[name] = {"pairs": len(texts), "seconds": round(run["seconds"], 2),
+                          "cpu_seconds": round(run["cpu_seconds"], 2),
+                          "pairs_per_s": round(len(texts) / run["seconds"], 2),
+                          "tokens_processed": run["tokens"], "tokens_with_padding": run["padded_tokens"],
+                          "forward_passes": run["forward_passes"], "prefix_passes": run["prefix_passes"],
+                          "gflops_nonembed": round(2 * n_nonembed * run["tokens"] / run["seconds"] / 1e9, 1),
+                          "gflops_all_params": round(2 * n_params * run["tokens"] / run["seconds"] / 1e9, 1)}
+            rows[name]["pct_of_peak"] = round(100 * rows[name]["gflops_nonembed"] / peak, 1)
+            logger.info("bench %s: %s", name, rows[name])
+    first = next(iter(rows))
+    base = rows[first]
     for row in rows.values():
-        row["speedup_vs_one_at_a_time"] = round(row["pairs_per_s"] / base, 2)
-        row["cpu_speedup_vs_one_at_a_time"] = round(rows["one_at_a_time"]["cpu_seconds"] / row["cpu_seconds"], 2)
-    agree = {name: float(np.abs(p - probs["one_at_a_time"]).max()) for name, p in probs.items()}
+        row["speedup_vs_one_at_a_time"] = round(row["pairs_per_s"] / base["pairs_per_s"], 2)
+        row["cpu_speedup_vs_one_at_a_time"] = round(base["cpu_seconds"] / row["cpu_seconds"], 2)
+    agree = {name: float(np.abs(p - probs[first]).max()) for name, p in probs.items()}
     cot = _bench_cot(backend, data_dir, cot_prompts, max_new_tokens)
     mean_tokens, mean_prefix = _token_stats(backend, texts, groups)
-    return {"model": backend.model_id, "device": backend.device, "dtype": str(backend.model.dtype),
+    best = max(rows, key=lambda name: rows[name]["pairs_per_s"])
+    return {"model": backend.model_id, "device": backend.device, "dtypes": list(dtypes), "cot_dtype": dtypes[-1],
             "torch_threads": torch.get_num_threads(), "users": users, "candidates_per_user": candidates,
             "pairs": len(texts), "mean_prompt_tokens": mean_tokens, "shared_prefix_tokens_mean": mean_prefix,
             "params": n_params, "params_nonembed": n_nonembed, "matmul_peak_gflops": round(peak, 1),
-            "paths": rows, "max_abs_prob_diff_vs_one_at_a_time": agree, "cot": cot,
+            "paths": rows, "max_abs_prob_diff_vs_first": agree, "cot": cot,
             "cot_vs_answer_only_ratio": {
                 name: round(cot["seconds_per_pair"] / (rows[name]["seconds"] / len(texts)), 1)
-                for name in rows}}
+                for name in rows if name.endswith(dtypes[-1])}, "fastest": best}
 
 
 def _token_stats(backend, texts, groups) -> tuple[float, float]:
@@ -177,14 +181,15 @@ def _markdown(p: dict) -> str:
                      f"{r['tokens_processed']} | {r['gflops_nonembed']} | {r['pct_of_peak']}% |")
     cot = p["cot"]
     return "\n".join(lines) + (
-        f"\n\n{p['model']} on {p['device']} ({p['dtype']}, torch threads: {p['torch_threads']}); "
+        f"\n\n{p['model']} on {p['device']} ({', '.join(p['dtypes'])}; torch threads: {p['torch_threads']}); "
         f"{p['users']} users x {p['candidates_per_user']} candidates = {p['pairs']} pairs, "
-        f"{p['mean_prompt_tokens']} prompt tokens, of which {p['shared_prefix_tokens_mean']} shared per user.\n"
+        f"{p['mean_prompt_tokens']} prompt tokens, of which {p['shared_prefix_tokens_mean']} shared per user. "
+        f"Speedups are against the first row.\n"
         f"GFLOP/s = 2 x {p['params_nonembed']:,} non-embedding params x real tokens / s (attention and "
         f"padding not counted); peak = best {p['matmul_peak_gflops']} GFLOP/s of a 2048^3 fp32 matmul.\n"
-        f"Max |probs difference| vs one-at-a-time: {p['max_abs_prob_diff_vs_one_at_a_time']}.\n\n"
-        f"CoT (greedy, max_new_tokens={cot['max_new_tokens']}, {cot['pairs']} prompts in one batch): "
-        f"{cot['seconds_per_pair']} s/pair, {cot['mean_output_tokens']} output tokens, "
+        f"Max |probs difference| vs the first row: {p['max_abs_prob_diff_vs_first']}.\n\n"
+        f"CoT ({p['cot_dtype']}, greedy, max_new_tokens={cot['max_new_tokens']}, {cot['pairs']} prompts in one "
+        f"batch): {cot['seconds_per_pair']} s/pair, {cot['mean_output_tokens']} output tokens, "
         f"{cot['parsed']}/{cot['pairs']} answers parsed. CoT / answer-only time per pair: "
         f"{p['cot_vs_answer_only_ratio']}.\n\nMachine load (1-min average, before/after): "
         f"{p.get('load_average_1min')}.")
@@ -200,6 +205,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--data", type=Path, default=SHARED_MOVIES)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; CoT runs in the last")
     parser.add_argument("--name", default="bench-score", help="results file name under notebooks/benchmarks")
     args = parser.parse_args(argv)
     if args.threads:
@@ -208,7 +214,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]  # the machine may be shared: record how busy it was
     payload = run_bench(args.users, args.candidates, args.batch_size, args.cot_prompts,
-                        args.max_new_tokens, args.data)
+                        args.max_new_tokens, args.data, tuple(args.dtypes.split(",")))
     payload["load_average_1min"] = {"before": round(load_before, 1), "after": round(os.getloadavg()[0], 1)}
     path = write_results(args.name, payload, _markdown(payload))
     logger.info("results written to %s", path)
