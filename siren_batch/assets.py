@@ -15,7 +15,17 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _repo_root() -> Path:
+    """The checkout that holds conf/, models/ and relative data paths: the package's
+    parent folder; or, when the package is imported from a zip (spark-submit
+    --py-files dist/siren_batch.zip), the folder spark-submit was started from."""
+    here = Path(__file__).resolve().parent.parent
+    return here if here.is_dir() else Path.cwd()
+
+
+REPO_ROOT = _repo_root()
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from siren_batch.assets import REPO_ROOT
 from siren_batch.config import ScoreConfig
 from siren_batch.profiling import write_results
 
 logger = logging.getLogger(__name__)
 
-SHARED_MOVIES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "siren-movies"
+SHARED_MOVIES = REPO_ROOT.parent / "shared" / "data" / "siren-movies"
 SYSTEM = ("You are a recommender assistant. From the user's past behaviour, predict the rating from 1.0 "
           "to 5.0 that the user will give the candidate item. Reason first: put your reasoning in "
           "<think> </think> and the rating in <answer> </answer>. The rating must be a number between "

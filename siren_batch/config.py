@@ -23,7 +23,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from siren_batch.assets import REPO_ROOT
+
+CONF_DIR = REPO_ROOT / "conf"
 
 
 class ConfigError(ValueError):
@@ -438,7 +440,10 @@ def load_config(conf_files: list[str] | None = None, overrides: list[str] | None
                 conf_dir: Path | None = None) -> Config:
     """Resolve the five layers into a validated Config."""
     conf_dir = conf_dir or CONF_DIR
-    base = _read_yaml(conf_dir / "base.yaml") if (conf_dir / "base.yaml").exists() else {}
+    if not (conf_dir / "base.yaml").exists():   # else every default in it would silently change
+        raise ConfigError(f"{conf_dir / 'base.yaml'} not found: run from the repository root "
+                          "(spark-submit too) or pass conf_dir")
+    base = _read_yaml(conf_dir / "base.yaml")
     extra = [_read_yaml(Path(f)) for f in conf_files or []]
     local_path = conf_dir / "local.yaml"
     local = _read_yaml(local_path) if local_path.exists() else {}

@@ -13,7 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "notebooks" / "benchmarks"
+from siren_batch.assets import REPO_ROOT
+
+RESULTS_DIR = REPO_ROOT / "notebooks" / "benchmarks"
 
 
 def _tree_rss_bytes(root: int) -> int:

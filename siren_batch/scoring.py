@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from pyspark.sql import types as T
 
 from siren_batch import model_cache, schemas
+from siren_batch.assets import resolve_llm
 from siren_batch.backends import (SCALE, Backend, ScoreResult, ScoringError, load_backend,
                                   readout_median)
 from siren_batch.config import ScoreConfig
@@ -57,6 +58,10 @@ def results_to_frame(batch: "pd.DataFrame", results: list[ScoreResult], backend:
 def make_predict_fn(cfg: ScoreConfig) -> Callable[["pd.DataFrame"], "pd.DataFrame"]:
     """Loader closure: the backend loads once per Python worker (model_cache), then
     `predict(batch)` maps (user_id, item_id, prompt) rows to SCORED_COLUMNS."""
+    # Resolved here, on the driver: "default" names a folder beside the repository, which
+    # executors running the shipped zip cannot locate (on a cluster it must sit on storage
+    # every executor reaches, or be a hub id).
+    cfg = dataclasses.replace(cfg, model=resolve_llm(cfg.model))
     key = f"scoring.backend:{cfg!r}"
 
     def predict(batch: "pd.DataFrame") -> "pd.DataFrame":

@@ -138,6 +138,7 @@ def load_naming_llm(model: str):
 
 def make_generate_fn(model: str, max_new_tokens: int = NAME_MAX_NEW_TOKENS) -> Callable[[str], str]:
     """Return `generate(prompt) -> reply` (chat template, greedy); loads the model once."""
+    model = assets.resolve_llm(model)   # on the driver: executors may not see the repository
     key = f"naming-llm:{model}"
 
     def generate(prompt: str) -> str:

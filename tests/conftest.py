@@ -67,3 +67,25 @@ def tiny_model(tmp_path_factory):
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+# ---- the sketch chain on real data, once per session (tests/test_pipeline.py, test_cluster.py) ----
+
+def _chain(spark, tmp_path_factory, *overrides):
+    from siren_batch import pipeline
+
+    wh = tmp_path_factory.mktemp("wh")
+    # calibrate.enabled=false: a calibrator fit by hand beside the default model stays out of the tests
+    cfg = load_config(overrides=[f"warehouse={wh}", "calibrate.enabled=false", *overrides])
+    summaries = {name: pipeline.STAGES[name](spark, cfg) for name in pipeline.SKETCH_CHAIN}
+    return cfg, summaries
+
+
+@pytest.fixture(scope="session")
+def ml100k(spark, tmp_path_factory):
+    return _chain(spark, tmp_path_factory, "dataset=ml-100k", "prompts.variants=sketch,raw")
+
+
+@pytest.fixture(scope="session")
+def movies(spark, tmp_path_factory, shared_movies):
+    return _chain(spark, tmp_path_factory, "dataset=siren-movies", f"data.path={shared_movies}")

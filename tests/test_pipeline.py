@@ -16,24 +16,6 @@ from siren_batch.warehouse import read_table
 pytestmark = pytest.mark.integration
 
 
-def _chain(spark, tmp_path_factory, *overrides):
-    wh = tmp_path_factory.mktemp("wh")
-    # calibrate.enabled=false: a calibrator fit by hand beside the default model stays out of the tests
-    cfg = load_config(overrides=[f"warehouse={wh}", "calibrate.enabled=false", *overrides])
-    summaries = {name: pipeline.STAGES[name](spark, cfg) for name in pipeline.SKETCH_CHAIN}
-    return cfg, summaries
-
-
-@pytest.fixture(scope="module")
-def ml100k(spark, tmp_path_factory):
-    return _chain(spark, tmp_path_factory, "dataset=ml-100k", "prompts.variants=sketch,raw")
-
-
-@pytest.fixture(scope="module")
-def movies(spark, tmp_path_factory, shared_movies):
-    return _chain(spark, tmp_path_factory, "dataset=siren-movies", f"data.path={shared_movies}")
-
-
 def _tables(spark, cfg):
     return {name: read_table(spark, cfg, name, schema).toPandas() for name, schema in [
         ("interactions", schemas.INTERACTIONS), ("example_sketches", schemas.EXAMPLE_SKETCHES),

@@ -1,0 +1,250 @@
+"""`make test-cluster`: the demo's chain on a real Spark standalone cluster.
+
+A master and two workers (one core each, each with its own work directory) start on
+127.0.0.1 with pyspark's own `spark-class`; the chain runs against
+spark://127.0.0.1:7077 through `spark-submit --py-files dist/siren_batch.zip`, the
+way README.md and conf/cluster.yaml say. Its tables must equal a local-mode run's
+on the same data and config (floats within 1e-6). The cluster processes are stopped
+by their pids, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from siren_batch import pipeline
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+
+REPO = Path(__file__).resolve().parent.parent
+MASTER_PORT = 7077
+MASTER = f"spark://127.0.0.1:{MASTER_PORT}"
+# What both runs score and evaluate: a deterministic 12-pair sample, fp32 (bf16 would make
+# the comparison depend on how rows meet in a batch), the same task count.
+SCORE = ["score.limit=12", "score.partitions=2", "score.dtype=float32", "score.run_date=2026-01-05",
+         "evaluate.scope=scored", "evaluate.missing=count", "evaluate.als_ranks=[8]",
+         "evaluate.als_reg_params=[0.1]"]
+# Columns that name a run, not its result.
+RUN_COLUMNS = {"run_id", "eval_id", "started_at", "duration_s"}
+TABLES = ["interactions", "items", "rejects", "item_embeddings", "topics", "item_topics", "sketches",
+          "example_sketches", "item_priors", "prompts", "ratings", "metrics"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait(what: str, ready, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"cluster: {what} not ready after {timeout:.0f} s")
+        time.sleep(1)
+
+
+def _alive_workers(ui_port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=2) as reply:
+            return int(json.load(reply).get("aliveworkers", 0))
+    except OSError:
+        return 0
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in reversed(procs):     # workers first (they stop their executors), then the master
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import pyspark
+
+    if _port_open(MASTER_PORT):
+        pytest.fail(f"port {MASTER_PORT} is in use: stop the Spark master running there first")
+    home = Path(pyspark.__file__).parent
+    root = tmp_path_factory.mktemp("cluster")
+    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1",
+           "SPARK_LOG_DIR": str(root / "logs"), "PYSPARK_PYTHON": sys.executable}
+    spark_class = str(home / "bin" / "spark-class")
+    ui_port = _free_port()
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> None:
+        log = open(root / f"{name}.log", "w")
+        # spark-class ends in `exec java ...`: the pid we keep is the JVM's own
+        procs.append(subprocess.Popen([spark_class, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      cwd=root))
+
+    try:
+        start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+              "--port", str(MASTER_PORT), "--webui-port", str(ui_port))
+        _wait("master", lambda: _port_open(MASTER_PORT))
+        for k in range(2):
+            work = root / f"worker{k}"
+            work.mkdir()
+            start(f"worker{k}", "org.apache.spark.deploy.worker.Worker", MASTER, "--host", "127.0.0.1",
+                  "--cores", "1", "--memory", "3g", "--work-dir", str(work), "--webui-port", str(_free_port()))
+        _wait("two workers", lambda: _alive_workers(ui_port) == 2)
+        subprocess.run(["make", "-s", "dist"], cwd=REPO, check=True, capture_output=True)  # as README says
+        yield {"root": root, "env": env, "pids": [p.pid for p in procs]}
+    finally:
+        _stop(procs)
+
+
+def _submit(cluster: dict, warehouse: Path) -> subprocess.CompletedProcess:
+    submit = str(Path(cluster["env"]["SPARK_HOME"]) / "bin" / "spark-submit")
+    overrides = [f"warehouse={warehouse}", "dataset=ml-100k", "prompts.variants=sketch,raw",
+                 "calibrate.enabled=false", f"spark.master={MASTER}", "spark.shuffle_partitions=4",
+                 "spark.driver_memory=2g", "spark.extra={spark.executor.memory: 2g}", *SCORE]
+    env = {**cluster["env"], "PYSPARK_DRIVER_PYTHON": sys.executable}
+    run = subprocess.run([submit, "--master", MASTER, "--py-files", "dist/siren_batch.zip",
+                          "jobs/run_all.py", *overrides], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=1500)
+    (cluster["root"] / "submit.log").write_text(run.stdout + run.stderr)
+    return run
+
+
+def _local(spark, ml100k, tmp_path) -> Path:
+    """The reference: the session's local-mode sketch chain (a copy), then score and evaluate."""
+    from siren_batch.config import load_config
+
+    cfg, _ = ml100k
+    warehouse = tmp_path / "local"
+    shutil.copytree(cfg.warehouse, warehouse)
+    local = load_config(overrides=[f"warehouse={warehouse}", "dataset=ml-100k", "prompts.variants=sketch,raw",
+                                   "calibrate.enabled=false", *SCORE])
+    for stage in ("score", "evaluate"):
+        pipeline.STAGES[stage](spark, local)
+    return warehouse / "ml-100k"
+
+
+def _same(a, b, atol: float) -> bool:
+    """Nested values equal, floats within atol (NaN equals NaN)."""
+    if hasattr(a, "tolist"):
+        a = a.tolist()
+    if hasattr(b, "tolist"):
+        b = b.tolist()
+    if isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None:
+            return a is None and b is None
+        return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= atol
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y, atol) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], atol) for k in a)
+    return a == b
+
+
+def _frame(folder: Path) -> pd.DataFrame:
+    df = pd.read_parquet(folder).drop(columns=[c for c in RUN_COLUMNS], errors="ignore")
+    df = df.astype({c: str for c in df.columns if isinstance(df[c].dtype, pd.CategoricalDtype)})
+    keys = [c for c in df.columns if df[c].dtype == object and df[c].map(lambda v: isinstance(v, str)).all()]
+    return df.sort_values(keys or list(df.columns[:1])).reset_index(drop=True)
+
+
+def test_demo_chain_on_a_standalone_cluster_equals_local_mode(spark, ml100k, cluster, tmp_path):
+    run = _submit(cluster, tmp_path / "cluster")
+    # spark-submit relays the Python driver's stdout and stderr on its own stdout
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    local = _local(spark, ml100k, tmp_path)
+    remote = tmp_path / "cluster" / "ml-100k"
+    compared = []
+    for table in TABLES:
+        if not (local / table).exists():
+            continue
+        assert (remote / table).exists(), f"the cluster run did not write {table}"
+        mine, theirs = _frame(remote / table), _frame(local / table)
+        assert list(mine.columns) == list(theirs.columns), table
+        assert len(mine) == len(theirs), f"{table}: {len(mine)} rows on the cluster, {len(theirs)} locally"
+        for column in mine.columns:
+            bad = [k for k, (x, y) in enumerate(zip(mine[column], theirs[column])) if not _same(x, y, 1e-6)]
+            assert not bad, f"{table}.{column} differs in {len(bad)} rows, e.g. {mine[column][bad[0]]!r} vs " \
+                            f"{theirs[column][bad[0]]!r}"
+        compared.append(table)
+    assert {"item_embeddings", "item_topics", "example_sketches", "prompts", "ratings", "metrics"} <= set(compared)
+    scored = pd.read_parquet(remote / "ratings")
+    assert len(scored) == 12 and scored.error.isna().sum() >= 10
+    # the executors really ran on the workers: each worker's work directory holds an executor
+    work = [cluster["root"] / f"worker{k}" for k in range(2)]
+    assert all(any(w.glob("app-*/*")) for w in work), "an executor never started on a worker"
+
+
+def _scoring_workers(root: Path) -> list[tuple[int, int]]:
+    """(pid, resident MB) of the executors' Python workers (their cwd is under `root`)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"pyspark" not in (proc / "cmdline").read_bytes():
+                continue
+            if not str(Path(os.readlink(proc / "cwd"))).startswith(str(root)):
+                continue
+            rss = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
+                       if line.startswith("VmRSS:"))
+            found.append((int(proc.name), rss // 1024))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return found
+
+
+def test_a_python_worker_killed_mid_score_is_retried_and_each_pair_lands_once(ml100k, cluster, tmp_path):
+    import signal
+    import threading
+
+    cfg, _ = ml100k
+    shutil.copytree(cfg.warehouse, tmp_path / "wh")
+    killed: list[int] = []
+
+    def kill_one_loaded_worker() -> None:   # a worker that has loaded the model (~500 MB) is scoring
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            loaded = [pid for pid, mb in _scoring_workers(cluster["root"]) if mb > 400]
+            if loaded:
+                os.kill(loaded[0], signal.SIGKILL)
+                killed.append(loaded[0])
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_one_loaded_worker, daemon=True)
+    killer.start()
+    submit = str(Path(cluster["env"]["SPARK_HOME"]) / "bin" / "spark-submit")
+    overrides = [f"warehouse={tmp_path / 'wh'}", "dataset=ml-100k", "calibrate.enabled=false",
+                 f"spark.master={MASTER}", "spark.extra={spark.executor.memory: 2g}", "score.limit=16",
+                 "score.partitions=2", "score.dtype=float32", "score.run_date=2026-01-06"]
+    run = subprocess.run([submit, "--master", MASTER, "--py-files", "dist/siren_batch.zip", "jobs/score_pairs.py",
+                          *overrides], cwd=REPO, env={**cluster["env"], "PYSPARK_DRIVER_PYTHON": sys.executable},
+                         capture_output=True, text=True, timeout=900)
+    killer.join(timeout=5)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert killed, "no loaded Python worker was found to kill"
+    assert "Lost task" in log or "Python worker exited unexpectedly" in log, "the kill did not fail a task"
+    scored = pd.read_parquet(tmp_path / "wh" / "ml-100k" / "ratings")
+    scored = scored[scored.run_date.astype(str) == "2026-01-06"]
+    assert len(scored) == 16 and not scored.duplicated(["user_id", "item_id"]).any()
+    assert scored.error.isna().all() and scored.rating.between(1, 5).all()
