@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -62,11 +63,21 @@ def run(stage: str, conf_files: list[str], overrides: list[str]) -> dict:
     return out
 
 
+# Spark names an unreadable input file in one of these; the innermost cause says why.
+_BAD_FILE = (re.compile(r"Encountered error while reading file (\S+?)\.?\s"),
+             re.compile(r"(\S+) is not a Parquet file"))
+
+
 def _root_cause(err: BaseException) -> str:
-    """The most specific message: for a Java error, its innermost 'Caused by' line."""
+    """The most specific message: for a Java error, its innermost 'Caused by' line, and
+    for a truncated or corrupt input file, that file first."""
     text = str(err)
     caused = [line.strip() for line in text.splitlines() if line.strip().startswith("Caused by:")]
     line = caused[-1] if caused else next((l.strip() for l in text.splitlines() if l.strip()), "")
+    bad = next((m.group(1) for pattern in _BAD_FILE for m in [pattern.search(text)] if m), None)
+    if bad:
+        why = re.sub(r"^(?:[\w$]+\.)+(?=[\w$]+: )", "", line.removeprefix("Caused by:").strip())  # drop the package
+        return f"cannot read input file {bad} (truncated or corrupt?): {why}"[:500]
     return f"{type(err).__name__}: {line}"[:500]
 
 

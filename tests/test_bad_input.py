@@ -245,3 +245,33 @@ def test_parquet_part_files_that_disagree_on_a_type(spark, tmp_path):
     with pytest.raises(ConfigError, match=r"data.path: the Parquet files in .* disagree on a column's type "
                                           r'\("DOUBLE" and "STRING"\); rewrite them with one schema'):
         run(spark, tmp_path, *parquet_source(tmp_path, parts))
+
+
+# ---- a truncated or corrupt Parquet file among the inputs: one line naming it, nothing written ----
+
+def _damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":               # the footer is gone
+        data = data[: len(data) // 2]
+    elif how == "corrupt_footer":        # the footer's metadata is garbage, its length and magic intact
+        end = len(data) - 8
+        data[end - 40:end] = b"\xff" * 40
+    else:                                # corrupt_pages: the first data page's header is garbage
+        data[4:40] = b"\xff" * 36
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt_footer", "corrupt_pages"])
+def test_a_damaged_parquet_file_fails_in_one_line_naming_it(spark, tmp_path, capsys, how):
+    from siren_batch.cli import main
+
+    frames = [inter_frame(), inter_frame(user_id=["u4", "u5", "u6"])]
+    overrides = parquet_source(tmp_path, frames)
+    damaged = tmp_path / overrides[0].split("=", 1)[1].split("/")[-2] / "inter" / "part-1.parquet"
+    _damage(damaged, how)
+    wh = tmp_path / "wh"
+    assert main(["ingest", f"warehouse={wh}", "dataset=damaged", *RELAXED, *overrides]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("siren-batch")]
+    assert len(err) == 1 and "cannot read input file" in err[0] and str(damaged) in err[0], err
+    written = {p.name for p in (wh / "damaged").iterdir()} if (wh / "damaged").exists() else set()
+    assert written <= {"runs"}, f"tables written despite the failure: {written}"
