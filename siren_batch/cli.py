@@ -66,6 +66,10 @@ def run(stage: str, conf_files: list[str], overrides: list[str]) -> dict:
 # Spark names an unreadable input file in one of these; the innermost cause says why.
 _BAD_FILE = (re.compile(r"Encountered error while reading file (\S+?)\.?\s"),
              re.compile(r"(\S+) is not a Parquet file"))
+# Writing failed for want of space or permission (local disk, HDFS, S3 alike).
+_STORAGE = re.compile(r"No space left on device|File too large|Disk quota exceeded|Read-only file system|"
+                      r"Permission denied|AccessDeniedException|ParentNotDirectoryException|Not a directory|"
+                      r"Mkdirs failed|DiskSpaceQuotaExceeded")
 
 
 def _root_cause(err: BaseException) -> str:
@@ -75,9 +79,13 @@ def _root_cause(err: BaseException) -> str:
     caused = [line.strip() for line in text.splitlines() if line.strip().startswith("Caused by:")]
     line = caused[-1] if caused else next((l.strip() for l in text.splitlines() if l.strip()), "")
     bad = next((m.group(1) for pattern in _BAD_FILE for m in [pattern.search(text)] if m), None)
+    why = re.sub(r"^(?:[\w$]+\.)+(?=[\w$]+: )", "", line.removeprefix("Caused by:").strip())  # drop the package
     if bad:
-        why = re.sub(r"^(?:[\w$]+\.)+(?=[\w$]+: )", "", line.removeprefix("Caused by:").strip())  # drop the package
         return f"cannot read input file {bad} (truncated or corrupt?): {why}"[:500]
+    if _STORAGE.search(text):
+        return (f"storage error: {why or _STORAGE.search(text).group()} (a full disk, or a path that cannot be "
+                "written or read; tables already written are untouched, a write is renamed into place only "
+                "when complete)")[:500]
     return f"{type(err).__name__}: {line}"[:500]
 
 
