@@ -356,3 +356,15 @@ def test_bench_score_gpu_paths_on_cpu(backend, tmp_path, monkeypatch):
     assert paths["cross_user"]["tokens"] < paths["plain_b64"]["tokens"]
     assert result["shapes"]["smollm2-135m"]["cot"]["pairs"] == 2
     assert "| smollm2-135m | cross_user |" in (tmp_path / "results" / "gpu.md").read_text()
+
+
+def test_backends_and_the_gpu_benchmark_import_without_pyspark():
+    """A GPU box with torch but no Spark runs the backend and bench-score-gpu."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['pyspark'] = None\n"
+            "import siren_batch.backends.transformers_backend, siren_batch.backends.plan, siren_batch.bench_gpu\n"
+            "from siren_batch.backends import load_backend")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
