@@ -43,7 +43,7 @@ demo: model
 	$(PY) -m siren_batch.summary $(ARGS)
 
 test: model
-	$(PY) -m pytest -q -m "not vllm" tests
+	$(PY) -m pytest -q --durations=15 -m "not vllm" tests
 	$(MAKE) test-vllm
 
 # A Spark standalone master + two workers on 127.0.0.1 run the demo's chain (make test runs it too).

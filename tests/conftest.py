@@ -17,10 +17,21 @@ SHARED_MOVIES = REPO.parent / "shared" / "data" / "siren-movies"
 def spark():
     from siren_batch.spark import get_spark
 
-    session = get_spark(SparkConfig(master="local[2]", shuffle_partitions=4, driver_memory="3g"))
+    session = get_spark(SparkConfig(master="local[2]", shuffle_partitions=4, driver_memory="4g"))
     logging.getLogger("py4j").setLevel(logging.WARNING)
     yield session
     session.stop()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_cached_tables():
+    """Cached DataFrames of one module never outlive it (one JVM serves the whole session)."""
+    yield
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.catalog.clearCache()
 
 
 @pytest.fixture
