@@ -108,12 +108,14 @@ class TopicsConfig:
     llm_model: str = "default"        # naming LLM when naming=llm; "default" = bundled SmolLM2
     max_name_words: int = 10
     llm_titles: int = 40              # naming=llm: nearest titles listed in the prompt (CPU cost grows with it)
+    fit_partitions: int = 8           # k-means input partitions: fixed, so topics do not depend on the cluster's shape
 
     def __post_init__(self) -> None:
         _require(self.k >= 2, "topics.k must be >= 2")
         _require(self.llm_titles >= 1, "topics.llm_titles must be >= 1")
         _require(self.naming in ("tfidf", "llm"), "topics.naming must be tfidf or llm")
         _require(self.name_top_m >= 1, "topics.name_top_m must be >= 1")
+        _require(self.fit_partitions >= 1, "topics.fit_partitions must be >= 1")
 
 
 @dataclass

@@ -81,7 +81,11 @@ def build_topics(embeddings: DataFrame, items: DataFrame, cfg: TopicsConfig) -> 
     spark = embeddings.sparkSession
     if embeddings.isEmpty():  # MLlib would fail deep inside with "Nothing has been added to this summarizer"
         raise ValueError("build_topics: the embeddings frame is empty; run embed_items on a non-empty items table")
-    vectors = embeddings.select("item_id", "embedding", array_to_vector("embedding").alias("features"))
+    # k-means|| samples its initial centres per partition: the same items in the same
+    # partitions, in the same order, give the same topics on a laptop and on a cluster
+    # (tests/test_cluster.py), whatever files the embeddings table happens to be in.
+    vectors = (embeddings.repartition(cfg.fit_partitions, "item_id").sortWithinPartitions("item_id")
+               .select("item_id", "embedding", array_to_vector("embedding").alias("features")))
     model = _fit_kmeans(vectors, cfg)
     centers = [np.asarray(c, dtype=np.float64) for c in model.clusterCenters()]
     predicted = model.transform(vectors)
