@@ -16,7 +16,6 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-
 def _repo_root() -> Path:
     """The checkout that holds conf/, models/ and relative data paths: the package's
     parent folder; or, when the package is imported from a zip (spark-submit

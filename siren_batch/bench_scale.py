@@ -21,8 +21,9 @@ from pyspark.sql import functions as F
 
 from siren_batch import pipeline, schemas
 from siren_batch.assets import REPO_ROOT
+from siren_batch.bench_sketch import time_stages
 from siren_batch.config import load_config
-from siren_batch.profiling import PeakMemory, Stopwatch, write_results
+from siren_batch.profiling import write_results
 from siren_batch.spark import get_spark
 from siren_batch.warehouse import read_table
 
@@ -40,29 +41,6 @@ def replicate(spark, cfg, copies: int, folder: str) -> int:
     (read_table(spark, cfg, "items", schemas.ITEMS).select("item_id", "title", "genres", "text")
      .write.mode("overwrite").parquet(f"{folder}/items"))
     return spark.read.parquet(f"{folder}/interactions").count()
-
-
-def _heap_mib(spark) -> float:
-    runtime = spark.sparkContext._jvm.java.lang.Runtime.getRuntime()
-    return round((runtime.totalMemory() - runtime.freeMemory()) / 2**20, 1)
-
-
-def run_chain(spark, cfg) -> dict:
-    stages = {}
-    with PeakMemory() as mem:
-        for name in pipeline.SKETCH_CHAIN:
-            mem.reset()
-            spark.sparkContext._jvm.java.lang.System.gc()
-            watch = Stopwatch()
-            pipeline.STAGES[name](spark, cfg)
-            seconds = watch.seconds()
-            run = (read_table(spark, cfg, "runs", schemas.RUNS).where(F.col("stage") == name)
-                   .orderBy(F.col("started_at").desc()).first())
-            stages[name] = {"seconds": seconds, "input_rows": run.input_rows, "output_rows": run.output_rows,
-                            "rows_per_s": round(run.input_rows / seconds, 1) if seconds else None,
-                            "peak_rss_mib": mem.peak_mib, "driver_heap_after_mib": _heap_mib(spark)}
-            logger.info("bench-scale %s: %s", name, stages[name])
-    return stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "data.source=table", f"data.path={folder}/interactions",
                                      f"data.items_path={folder}/items", "data.ts_unit=ms",
                                      "prompts.splits=test", *overrides])
-        stages = run_chain(spark, cfg)
+        stages = time_stages(spark, cfg)
         total = round(sum(s["seconds"] for n, s in stages.items() if n != "embed"), 1)
         results[f"x{copies}"] = {"ratings": ratings, "stages": stages, "total_s_excluding_embed": total,
                                  "seconds_per_million_ratings": round(total / ratings * 1e6, 1)}

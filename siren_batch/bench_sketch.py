@@ -33,26 +33,39 @@ def token_comparison(spark, cfg) -> dict:
             "median_pair_ratio": round(row.median_ratio, 3)}
 
 
-def main(argv: list[str]) -> int:
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(overrides=[*DEFAULTS, *argv])
-    spark = get_spark(cfg.spark)
+def _heap_mib(spark) -> float:
+    runtime = spark.sparkContext._jvm.java.lang.Runtime.getRuntime()
+    return round((runtime.totalMemory() - runtime.freeMemory()) / 2**20, 1)
+
+
+def time_stages(spark, cfg) -> dict:
+    """Run the sketch chain; per stage: seconds, rows in and out, rows/s, the peak RSS
+    of the process tree (driver, JVM, Python workers) and the JVM heap in use after
+    it (a GC runs before each stage, so stages do not inherit each other's garbage)."""
     stages = {}
     with PeakMemory() as mem:
         for name in pipeline.SKETCH_CHAIN:
             mem.reset()
+            spark.sparkContext._jvm.java.lang.System.gc()
             watch = Stopwatch()
             summary = pipeline.STAGES[name](spark, cfg)
             seconds = watch.seconds()
-            rows = read_table(spark, cfg, "runs", schemas.RUNS).where(F.col("stage") == name) \
-                .orderBy(F.col("started_at").desc()).first()
-            stages[name] = {"seconds": seconds, "input_rows": rows.input_rows,
-                            "output_rows": rows.output_rows,
-                            "rows_per_s": round(rows.input_rows / seconds, 1) if seconds else None,
-                            "peak_rss_mib": mem.peak_mib}
-            logger.info("bench %s: %s", name, stages[name])
+            run = (read_table(spark, cfg, "runs", schemas.RUNS).where(F.col("stage") == name)
+                   .orderBy(F.col("started_at").desc()).first())
+            stages[name] = {"seconds": seconds, "input_rows": run.input_rows, "output_rows": run.output_rows,
+                            "rows_per_s": round(run.input_rows / seconds, 1) if seconds else None,
+                            "peak_rss_mib": mem.peak_mib, "driver_heap_after_mib": _heap_mib(spark)}
             if name == "embed":
                 stages[name]["items_per_s"] = round(summary["items"] / seconds, 1)
+            logger.info("bench %s: %s", name, stages[name])
+    return stages
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(overrides=[*DEFAULTS, *argv])
+    spark = get_spark(cfg.spark)
+    stages = time_stages(spark, cfg)
     excl_embed = round(sum(s["seconds"] for n, s in stages.items() if n != "embed"), 1)
     tokens = token_comparison(spark, cfg)
     payload = {"dataset": cfg.dataset, "config_hash": cfg.hash(), "stages": stages,

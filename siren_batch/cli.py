@@ -82,8 +82,9 @@ def _root_cause(err: BaseException) -> str:
     why = re.sub(r"^(?:[\w$]+\.)+(?=[\w$]+: )", "", line.removeprefix("Caused by:").strip())  # drop the package
     if bad:
         return f"cannot read input file {bad} (truncated or corrupt?): {why}"[:500]
-    if _STORAGE.search(text):
-        return (f"storage error: {why or _STORAGE.search(text).group()} (a full disk, or a path that cannot be "
+    storage = _STORAGE.search(text)
+    if storage:
+        return (f"storage error: {why or storage.group()} (a full disk, or a path that cannot be "
                 "written or read; tables already written are untouched, a write is renamed into place only "
                 "when complete)")[:500]
     return f"{type(err).__name__}: {line}"[:500]

@@ -162,7 +162,7 @@ class ScoreConfig:
     limit: int | None = None          # score only this many candidates (a deterministic sample); demos, smoke tests
     batch_size: int = 16              # transformers: most prompts (or users' prefixes) per forward pass
     batch_tokens: int = 16384         # transformers: most padded tokens per pass, attended context included
-    shared_prefix: bool = True        # transformers: one prefix pass per user, candidates from its KV cache
+    shared_prefix: bool = True        # transformers: a user's prefix runs once (many users a pass), candidates on its KV cache
     shared_prefix_min_tokens: int = 32  # shared prefixes shorter than this run as plain batches (no gain)
     torch_threads: int = 0            # transformers on CPU: torch intra-op threads per task; 0 = spark.task.cpus
     partitions: int = 0               # scoring tasks (users are hashed over them); 0 = Spark's default parallelism

@@ -118,16 +118,17 @@ def cluster(tmp_path_factory):
         _stop(procs)
 
 
-def _submit(cluster: dict, warehouse: Path) -> subprocess.CompletedProcess:
+def _submit(cluster: dict, job: str, warehouse: Path, *overrides: str, timeout: int = 1500
+            ) -> subprocess.CompletedProcess:
+    """spark-submit `job` to the cluster on ml-100k, the package shipped as README says;
+    the output goes to <cluster root>/<job>.log as well."""
     submit = str(Path(cluster["env"]["SPARK_HOME"]) / "bin" / "spark-submit")
-    overrides = [f"warehouse={warehouse}", "dataset=ml-100k", "prompts.variants=sketch,raw",
-                 "calibrate.enabled=false", f"spark.master={MASTER}", "spark.shuffle_partitions=4",
-                 "spark.driver_memory=2g", "spark.extra={spark.executor.memory: 2g}", *SCORE]
+    common = [f"warehouse={warehouse}", "dataset=ml-100k", "calibrate.enabled=false", f"spark.master={MASTER}",
+              "spark.extra={spark.executor.memory: 2g}"]
     env = {**cluster["env"], "PYSPARK_DRIVER_PYTHON": sys.executable}
-    run = subprocess.run([submit, "--master", MASTER, "--py-files", "dist/siren_batch.zip",
-                          "jobs/run_all.py", *overrides], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=1500)
-    (cluster["root"] / "submit.log").write_text(run.stdout + run.stderr)
+    run = subprocess.run([submit, "--master", MASTER, "--py-files", "dist/siren_batch.zip", f"jobs/{job}.py",
+                          *common, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    (cluster["root"] / f"{job}.log").write_text(run.stdout + run.stderr)
     return run
 
 
@@ -170,7 +171,8 @@ def _frame(folder: Path) -> pd.DataFrame:
 
 
 def test_demo_chain_on_a_standalone_cluster_equals_local_mode(spark, ml100k, cluster, tmp_path):
-    run = _submit(cluster, tmp_path / "cluster")
+    run = _submit(cluster, "run_all", tmp_path / "cluster", "prompts.variants=sketch,raw",
+                  "spark.shuffle_partitions=4", "spark.driver_memory=2g", *SCORE)
     # spark-submit relays the Python driver's stdout and stderr on its own stdout
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     local = _local(spark, ml100k, tmp_path)
@@ -232,13 +234,8 @@ def test_a_python_worker_killed_mid_score_is_retried_and_each_pair_lands_once(ml
 
     killer = threading.Thread(target=kill_one_loaded_worker, daemon=True)
     killer.start()
-    submit = str(Path(cluster["env"]["SPARK_HOME"]) / "bin" / "spark-submit")
-    overrides = [f"warehouse={tmp_path / 'wh'}", "dataset=ml-100k", "calibrate.enabled=false",
-                 f"spark.master={MASTER}", "spark.extra={spark.executor.memory: 2g}", "score.limit=16",
-                 "score.partitions=2", "score.dtype=float32", "score.run_date=2026-01-06"]
-    run = subprocess.run([submit, "--master", MASTER, "--py-files", "dist/siren_batch.zip", "jobs/score_pairs.py",
-                          *overrides], cwd=REPO, env={**cluster["env"], "PYSPARK_DRIVER_PYTHON": sys.executable},
-                         capture_output=True, text=True, timeout=900)
+    run = _submit(cluster, "score_pairs", tmp_path / "wh", "score.limit=16", "score.partitions=2",
+                  "score.dtype=float32", "score.run_date=2026-01-06", timeout=900)
     killer.join(timeout=5)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]

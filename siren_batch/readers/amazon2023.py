@@ -7,13 +7,12 @@ from pyspark.sql import functions as F, types as T
 
 from siren_batch.config import Config
 from siren_batch.readers.lines import read_jsonl
-from siren_batch.readers.raw import item_text, need, raw_interactions, raw_items
+from siren_batch.readers.raw import item_text, need, raw_interactions, raw_items, strings
 
-_AMAZON_REVIEW = T.StructType([T.StructField(n, T.StringType()) for n in (
-    "rating", "title", "text", "asin", "parent_asin", "user_id", "timestamp", "helpful_vote",
-    "verified_purchase")])
+_AMAZON_REVIEW = strings(["rating", "title", "text", "asin", "parent_asin", "user_id", "timestamp",
+                          "helpful_vote", "verified_purchase"])
 _AMAZON_META = T.StructType([
-    *[T.StructField(n, T.StringType()) for n in ("parent_asin", "title", "main_category", "store")],
+    *strings(["parent_asin", "title", "main_category", "store"]).fields,
     *[T.StructField(n, T.ArrayType(T.StringType())) for n in ("categories", "features", "description")]])
 
 

