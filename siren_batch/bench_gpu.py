@@ -194,11 +194,16 @@ def save_inputs(folder: Path, tokenizer, texts: list[str], groups: list[str]) ->
 
 
 def _markdown(p: dict) -> str:
+    on_gpu = p["device_name"] != "cpu"   # the H100 "before" figures compare only with a GPU run
     lines = ["| shape | path | pairs/s | TFLOP/s | % of peak | peak memory GiB | forward passes "
              "| max abs probs diff vs plain_b64 | before (H100, issue 8) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    if not on_gpu:
+        lines.insert(0, "**Run on the CPU** (`--device cpu`): no GPU was available. The paths and their "
+                        "agreement are real; the GPU figures, and the H100 'before' column, need a GPU run.\n")
     for shape, s in p["shapes"].items():
         for name, r in s["paths"].items():
             before = (s["before_h100"] or {}).get("shared_per_user_b64" if name == "cross_user" else name, "")
+            before = before if on_gpu else "–"
             lines.append(f"| {shape} | {name} | {r['pairs_per_s']} | {r['tflops']} | {r.get('pct_of_peak', '')} | "
                          f"{r.get('peak_memory_gib', '')} | {r.get('forward_passes', 1)} | "
                          f"{r.get('max_abs_prob_diff_vs_plain_b64', '')} | {before} |")
