@@ -199,11 +199,21 @@ def test_demo_chain_on_a_standalone_cluster_equals_local_mode(spark, ml100k, clu
 
 
 def _scoring_workers(root: Path) -> list[tuple[int, int]]:
-    """(pid, resident MB) of the executors' Python workers (their cwd is under `root`)."""
+    """(pid, resident MB) of the executors' Python workers (their cwd is under `root`).
+
+    They run `python -m pyspark.daemon` (forked workers keep that command line); the
+    executor's JVM, whose classpath names pyspark's jars, is left out.
+    """
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if not proc.name.isdigit() or b"pyspark" not in (proc / "cmdline").read_bytes():
+            if not proc.name.isdigit():
+                continue
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            # The executor JVM also mentions pyspark (its jars), and killing it is another
+            # fault: only a Python interpreter running pyspark's daemon or worker counts here.
+            if not (Path(argv[0].decode()).name.startswith("python")
+                    and any(arg.startswith(b"pyspark.") for arg in argv)):
                 continue
             if not str(Path(os.readlink(proc / "cwd"))).startswith(str(root)):
                 continue
