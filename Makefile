@@ -104,6 +104,21 @@ bench-scale: model
 bench-score-gpu: model
 	$(PY) -m siren_batch.bench_gpu $(ARGS)
 
+# ---- nightly operation (siren_batch/nightly.py) -----------------------------------
+.PHONY: nightly nightly-demo bench-nightly
+RUN_DATE ?= $(shell date -u +%F)
+# make nightly RUN_DATE=2026-01-05 ARGS="nightly.arrivals=/data/drops/{run_date}"
+nightly: model
+	$(CLI) nightly --run-date $(RUN_DATE) $(ARGS)
+# MovieLens-100K cut by time into build/arrivals/, then its two nights (conf/nightly-demo.yaml).
+nightly-demo: model
+	$(PY) -m siren_batch.nightly cut --out build/arrivals --first 1998-04-06 --nights 2
+	$(CLI) nightly --conf conf/nightly-demo.yaml --run-date 1998-04-06 $(ARGS)
+	$(CLI) nightly --conf conf/nightly-demo.yaml --run-date 1998-04-07 $(ARGS)
+# An incremental night (1% new interactions) against a full rebuild on MovieLens-1M.
+bench-nightly: model
+	$(PY) -m siren_batch.bench_nightly $(ARGS)
+
 # ---- packaging for spark-submit --py-files ------------------------------------
 dist:
 	mkdir -p dist && rm -f dist/siren_batch.zip

@@ -17,14 +17,18 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 
 from siren_batch.config import ConfigError, load_config
+from siren_batch.lock import LockHeld
 
 logger = logging.getLogger("siren_batch")
 
 CHAINS = {"all": "FULL_CHAIN", "sketch-chain": "SKETCH_CHAIN"}
+LOCK_FREE = {"train-sft", "export"}   # write under train.out_dir, not the warehouse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,31 +36,59 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="siren-batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=[*STAGES, *CHAINS, "prepare-model", "show-config"])
+    parser.add_argument("stage", choices=[*STAGES, *CHAINS, "nightly", "report", "prepare-model", "show-config"])
     parser.add_argument("--conf", action="append", default=[], metavar="FILE",
                         help="extra YAML layer(s), e.g. conf/cluster.yaml; repeatable")
+    parser.add_argument("--run-date", metavar="YYYY-MM-DD", help="nightly: the night to run; report: its run")
+    parser.add_argument("--redo", action="store_true", help="nightly: run every step of a finished night again")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="remove the warehouse lock left by a run that died, then go on")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. topics.k=30 spark.master=yarn")
     return parser
 
 
-def run(stage: str, conf_files: list[str], overrides: list[str]) -> dict:
-    """Run one stage or a chain; returns {stage: summary}."""
-    from siren_batch import pipeline
+def run(stage: str, conf_files: list[str], overrides: list[str], *, run_date: str | None = None,
+        redo: bool = False, break_lock: bool = False) -> dict:
+    """Run one stage or a chain; returns {stage: summary}. Stages that write tables
+    hold the warehouse's lock (siren_batch.lock) while they run."""
+    from siren_batch import lock, pipeline
     from siren_batch.spark import get_spark
+    from siren_batch.warehouse import RunRecord
 
     cfg = load_config(conf_files, overrides)
     if stage == "show-config":
         return {"config": cfg.to_dict(), "hash": cfg.hash()}
     if stage == "prepare-model":
         return {stage: pipeline.prepare_model(None, cfg)}
-    names = getattr(pipeline, CHAINS[stage]) if stage in CHAINS else [stage]
+    if stage == "report":
+        from siren_batch.report import write_report
+        return {stage: write_report(cfg, run_date=run_date)}
+    if stage == "nightly" and not run_date:
+        raise ConfigError("nightly needs --run-date YYYY-MM-DD")
     spark = get_spark(cfg.spark)
+    if stage in LOCK_FREE:   # they only read the warehouse: a nightly run may go on beside them
+        return _run_stages(spark, cfg, [stage])
+    if threading.current_thread() is threading.main_thread():  # a SIGTERM unwinds, so the lock is released
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    holder = RunRecord(stage=stage).run_id
+    with lock.hold(spark, cfg, holder, stage, break_lock=break_lock):
+        if stage == "nightly":
+            from siren_batch.nightly import run_night
+            return {"nightly": run_night(spark, cfg, run_date, redo=redo),
+                    "warehouse": f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}"}
+        return _run_stages(spark, cfg, getattr(pipeline, CHAINS[stage]) if stage in CHAINS else [stage])
+
+
+def _run_stages(spark, cfg, names: list[str]) -> dict:
+    from siren_batch import pipeline
+
     out = {}
     for name in names:
         start = time.perf_counter()
         logger.info("stage %s: start (dataset=%s, config %s)", name, cfg.dataset, cfg.hash())
         out[name] = pipeline.STAGES[name](spark, cfg)
+        spark.catalog.clearCache()  # a cached plan would answer a later stage's read of a rewritten table
         out[name]["seconds"] = round(time.perf_counter() - start, 1)
         logger.info("stage %s: done in %.1fs", name, out[name]["seconds"])
     out["warehouse"] = f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}"
@@ -97,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = _parser().parse_intermixed_args(argv)
     try:
-        result = run(args.stage, args.conf, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
+        result = run(args.stage, args.conf, args.overrides, run_date=args.run_date, redo=args.redo,
+                     break_lock=args.break_lock)
+    except (ConfigError, FileNotFoundError, LockHeld) as err:
         print(f"siren-batch: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # one clear line for the operator; the traceback is in the log

@@ -319,6 +319,26 @@ class TrainConfig:
 
 
 @dataclass
+class NightlyConfig:
+    """`siren-batch nightly --run-date D`: one night, incremental (siren_batch/nightly.py)."""
+    arrivals: str | None = None       # folder of a night's new data, "{run_date}" replaced: interactions.<data.format> (+ items.<data.format>)
+    candidates: str = "newest:20"     # newest:N = every active user x the N newest items they have not rated; a Parquet path ("{run_date}" replaced); none = no scoring
+    active_days: int = 30             # active user: an interaction within this many days before the night's end
+    recluster: bool = False           # re-fit the topics tonight (every sketch is rebuilt)
+    drift_threshold: float = 0.25     # re-fit when tonight's items lie this much farther from their centroids than the stored ones (0.25 = 25%)
+    evaluate: bool = True             # score the previous night's ratings against the truth that arrived tonight
+    report: bool = True               # write the HTML run report
+
+    def __post_init__(self) -> None:
+        _require(self.active_days > 0 and self.drift_threshold > 0,
+                 "nightly.active_days and nightly.drift_threshold must be > 0")
+        ok = self.candidates == "none" or (self.candidates.startswith("newest:")
+                                           and self.candidates[7:].isdigit() and int(self.candidates[7:]) > 0)
+        _require(ok or "/" in self.candidates or self.candidates.endswith(".parquet"),
+                 "nightly.candidates must be newest:<N>, a Parquet path or none")
+
+
+@dataclass
 class Config:
     dataset: str = "ml-100k"          # names conf/datasets/<dataset>.yaml and the warehouse folder
     warehouse: str = "./warehouse"    # root folder (or hdfs://, s3a:// URI) of all tables
@@ -333,6 +353,7 @@ class Config:
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

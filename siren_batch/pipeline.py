@@ -186,6 +186,8 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
         overall = {r.system: {"mae": r.mae, "rmse": r.rmse} for r in
                    metrics.where(F.col("segment") == "all")
                    .groupBy("system").pivot("metric", ["mae", "rmse"]).agg(F.first("value")).collect()}
+        interactions.unpersist()  # else a later evaluate in this session reads these rows, not the table
+        metrics.unpersist()
     return {"eval_id": eval_id, "run_date": run_date, "report": f"{cfg.table_path('reports')}/latest.md",
             "overall": overall}
 

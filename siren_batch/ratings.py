@@ -104,6 +104,8 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
         pairs, history = candidate_pairs(spark, cfg)
         if cfg.score.limit:
             pairs = pairs.orderBy(F.xxhash64("user_id", "item_id"), "user_id", "item_id").limit(cfg.score.limit)
+        # Unpersisted below: a cached plan outlives the run, and Spark would answer the next
+        # run's identical read of rewritten tables (a later night in one session) from it.
         pairs = pairs.cache()
         total = pairs.count()
         rec.input_rows = total
@@ -127,6 +129,7 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
             move_path(spark, tmp, f"{staging}/chunks/{name}")
             progress.update(spark.read.parquet(f"{staging}/chunks/{name}").count())
         summary = _finish(spark, cfg, staging, bad_pairs, run_date, prompt_template_hash(), rec.run_id)
+        pairs.unpersist()
         rec.output_rows, rec.rejected_rows = summary["rows"], summary["errors"]
         if summary["rows"] != total:
             raise RuntimeError(f"ratings rows {summary['rows']} != candidate rows {total}")

@@ -170,6 +170,13 @@ RUNS = T.StructType([
     T.StructField("output_rows", T.LongType(), False),
     T.StructField("rejected_rows", T.LongType(), False),
     T.StructField("status", T.StringType(), False),      # ok | failed
+    T.StructField("reads", T.StringType(), True),        # tables read, comma-separated (nightly steps)
+    T.StructField("writes", T.StringType(), True),       # tables written, comma-separated
 ])
 
 SPLITS = ("train", "valid", "test")
+
+
+def with_run_date(schema: T.StructType) -> T.StructType:
+    """`schema` plus the run_date partition column (the nightly arrivals and rejects)."""
+    return T.StructType([*schema.fields, T.StructField("run_date", T.StringType(), False)])

@@ -177,12 +177,14 @@ class RunRecord:
     rejected_rows: int = 0
     status: str = "ok"
     duration_s: float = 0.0
+    reads: list[str] = field(default_factory=list)    # table names (or paths) the stage read
+    writes: list[str] = field(default_factory=list)   # table names it wrote
 
 
 @contextmanager
-def run_record(spark: SparkSession, cfg: Config, stage: str):
+def run_record(spark: SparkSession, cfg: Config, stage: str, run_id: str | None = None):
     """Time a stage and append its record to `runs`, also when it fails."""
-    record = RunRecord(stage=stage)
+    record = RunRecord(stage=stage) if run_id is None else RunRecord(stage=stage, run_id=run_id)
     start = time.perf_counter()
     try:
         yield record
@@ -197,7 +199,8 @@ def run_record(spark: SparkSession, cfg: Config, stage: str):
 def append_run(spark: SparkSession, cfg: Config, record: RunRecord) -> None:
     row = (record.run_id, record.stage, cfg.dataset, cfg.hash(), record.started_at,
            float(record.duration_s), int(record.input_rows), int(record.output_rows),
-           int(record.rejected_rows), record.status)
+           int(record.rejected_rows), record.status, ",".join(record.reads) or None,
+           ",".join(record.writes) or None)
     (spark.createDataFrame([row], schemas.RUNS).coalesce(1)
      .write.mode("append").parquet(cfg.table_path("runs")))
     logger.info("run %s %s: %s in %.1fs (in=%d out=%d rejected=%d)", record.stage, record.run_id,

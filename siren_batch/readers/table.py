@@ -85,20 +85,26 @@ def read_table(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, 
     """data.path (interactions) and data.items_path (items), Parquet or CSV, with
     data.columns / data.item_columns mapping canonical -> source names. Items
     without a `text` column get "Title: …. Category: …." from title and genres."""
+    return read_table_items(spark, cfg), read_table_interactions(spark, cfg), cfg.data.ts_unit
+
+
+def read_table_interactions(spark: SparkSession, cfg: Config) -> DataFrame:
+    """RAW_INTERACTIONS from data.path (the table source's interactions alone)."""
     inter, inter_path = _read_user_table(spark, cfg, "data.path")
-    items, items_path = _read_user_table(spark, cfg, "data.items_path")
     c = _columns(inter, inter_path, cfg.data.columns, "data.columns",
                  ["user_id", "item_id", "rating", "ts"] + (["split"] if cfg.data.split == "source" else []),
                  [] if cfg.data.split == "source" else ["split"], cfg.data.ts_unit)
     canonical = [(col if col is not None else F.lit(None).cast("string")).alias(f"_{n}") for n, col in c.items()]
-    raw_inter = raw_interactions(inter.select("*", *canonical), "_user_id", "_item_id", "_rating", "_ts",
-                                  F.col("_split") if "split" in c else None, cols=data_columns(inter))
+    return raw_interactions(inter.select("*", *canonical), "_user_id", "_item_id", "_rating", "_ts",
+                            F.col("_split") if "split" in c else None, cols=data_columns(inter))
+
+
+def read_table_items(spark: SparkSession, cfg: Config) -> DataFrame:
+    """RAW_ITEMS from data.items_path (the table source's items alone)."""
+    items, items_path = _read_user_table(spark, cfg, "data.items_path")
     ic = _columns(items, items_path, cfg.data.item_columns, "data.item_columns",
                   ["item_id", "title"], ["genres", "text"])
     genres = ic["genres"] if ic["genres"] is not None else F.lit(None).cast("string")
     cats = F.filter(F.split(F.coalesce(genres, F.lit("")), r"\|"), lambda g: g != "")
     text = ic["text"] if ic["text"] is not None else item_text(ic["title"], cats)
-    return (raw_items(items, ic["item_id"], ic["title"], genres, text, data_columns(items)),
-            raw_inter, cfg.data.ts_unit)
-
-
+    return raw_items(items, ic["item_id"], ic["title"], genres, text, data_columns(items))

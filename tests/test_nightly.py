@@ -1,0 +1,223 @@
+"""Two nights on MovieLens-100K cut by time: `siren-batch nightly --run-date D`.
+
+Night 1 (1998-04-06) is the bootstrap: every interaction up to its end. Night 2
+(1998-04-07) adds that day's ~300 interactions (0.3%) and the two items first rated
+that day. The second night must touch only what changed, re-running it must change
+nothing, a night killed mid-stage must resume to the same tables, and a second
+concurrent run must be refused in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from siren_batch import cli, lock, nightly
+from siren_batch.config import load_config
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+NIGHT1, NIGHT2 = "1998-04-06", "1998-04-07"
+# Changed tables are compared across runs; these name a run, not its result.
+RUN_COLUMNS = {"run_id", "eval_id", "started_at", "duration_s"}
+TABLES = ["interactions", "items", "item_embeddings", "topics", "item_topics", "sketches", "ratings",
+          "metrics", "arrived_interactions", "arrived_items", "night_rejects"]
+
+
+def _overrides(warehouse: Path, arrivals: Path, candidates: Path) -> list[str]:
+    return [f"warehouse={warehouse}", f"nightly.arrivals={arrivals}/{{run_date}}",
+            f"nightly.candidates={candidates}", "nightly.report=false", "calibrate.enabled=false",
+            "score.dtype=float32", "score.partitions=2", "evaluate.baselines=[global_mean,bias]",
+            "spark.master=local[2]"]
+
+
+def _read(warehouse: Path, table: str) -> pd.DataFrame:
+    df = pd.read_parquet(warehouse / "ml-100k" / table)
+    df = df.drop(columns=[c for c in df.columns if c in RUN_COLUMNS])
+    for col in df.columns:
+        if isinstance(df[col].dtype, pd.CategoricalDtype):
+            df[col] = df[col].astype(str)
+    keys = [c for c in ("run_date", "user_id", "item_id", "topic_id", "system", "segment", "metric", "source",
+                        "reason", "record") if c in df.columns]
+    return df.sort_values(keys).reset_index(drop=True)
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame, what: str) -> None:
+    assert list(a.columns) == list(b.columns) and len(a) == len(b), what
+    for col in a.columns:
+        x, y = a[col], b[col]
+        if x.dtype.kind == "f":
+            assert np.allclose(x.fillna(-9), y.fillna(-9), atol=1e-5), f"{what}.{col}"
+        else:
+            assert x.astype(str).tolist() == y.astype(str).tolist(), f"{what}.{col}"
+
+
+@pytest.fixture(scope="module")
+def nights(spark, ml100k, tmp_path_factory):
+    """Arrival folders, then night 1 and night 2 in one warehouse; a copy taken after night 1."""
+    cfg100, _ = ml100k
+    src = Path(cfg100.warehouse) / "ml-100k"
+    root = tmp_path_factory.mktemp("nightly")
+    dates = nightly.cut_arrivals(pd.read_parquet(src / "interactions"), pd.read_parquet(src / "items"),
+                                 str(root / "arrivals"), NIGHT1, 2, held_items=2)
+    assert dates == [NIGHT1, NIGHT2]
+    night2 = pd.read_parquet(root / "arrivals" / NIGHT2 / "interactions.parquet")
+    first = pd.read_parquet(root / "arrivals" / NIGHT1 / "interactions.parquet")
+    # Candidates: three pairs whose truth arrives on night 2 (users known on night 1),
+    # two pairs of users untouched by night 2.
+    arriving = night2[night2.user_id.isin(first.user_id)].drop_duplicates("user_id").head(3)
+    new_items = pd.read_parquet(root / "arrivals" / NIGHT2 / "items.parquet").item_id
+    rated_new = set(night2.user_id) | set(first[first.item_id.isin(new_items)].user_id)
+    quiet = sorted(set(first.user_id) - rated_new)[:2]
+    assert len(quiet) == 2 and len(arriving) == 3
+    cands = pd.concat([arriving[["user_id", "item_id"]],
+                       pd.DataFrame({"user_id": quiet, "item_id": ["50", "50"]})], ignore_index=True)
+    cands = cands[~cands.set_index(["user_id", "item_id"]).index.isin(
+        first.set_index(["user_id", "item_id"]).index)]
+    cands.to_parquet(root / "candidates.parquet")
+    wh = root / "wh"
+    cfg = load_config(overrides=_overrides(wh, root / "arrivals", root / "candidates.parquet"))
+    one = nightly.run_night(spark, cfg, NIGHT1)
+    shutil.copytree(wh, root / "after-night1")
+    two = nightly.run_night(spark, cfg, NIGHT2)
+    return {"root": root, "cfg": cfg, "wh": wh, "one": one, "two": two, "night2": night2,
+            "cands": cands, "quiet": quiet, "arriving": arriving}
+
+
+def test_first_night_bootstraps_and_records_every_step(nights):
+    one = nights["one"]
+    assert one["bootstrap"] and one["topics"]["reclustered"] and one["sketches"]["rebuilt_all"]
+    assert one["ingest"]["input_interactions"] == (one["ingest"]["kept_interactions"]
+                                                   + one["ingest"]["rejected_interactions"])
+    runs = pd.read_parquet(nights["wh"] / "ml-100k" / "runs")
+    night = runs[runs.stage.str.startswith("nightly-")]
+    assert set(night.stage) >= {f"nightly-{s}" for s in ("ingest", "embed", "topics", "sketches", "score",
+                                                         "evaluate")}
+    ingest = night[night.stage == "nightly-ingest"].iloc[-1]
+    assert "interactions" in ingest.writes and ingest.reads.startswith(str(nights["root"] / "arrivals"))
+
+
+def test_second_night_touches_only_what_changed(nights):
+    before, after = nights["root"] / "after-night1" / "ml-100k", nights["wh"] / "ml-100k"
+    two, night2 = nights["two"], nights["night2"]
+    assert not two["bootstrap"] and two["ingest"]["kept_interactions"] == len(night2)
+    # Interactions: night 1's plus tonight's, no duplicates.
+    inter = pd.read_parquet(after / "interactions")
+    assert len(inter) == len(pd.read_parquet(before / "interactions")) + len(night2)
+    assert not inter.duplicated(["user_id", "item_id"]).any()
+    # Embeddings: only the two new items were embedded; the others are untouched.
+    assert two["embed"]["embedded"] == 2
+    old = pd.read_parquet(before / "item_embeddings").set_index("item_id")
+    new = pd.read_parquet(after / "item_embeddings").set_index("item_id")
+    assert len(new) == len(old) + 2
+    assert all(np.array_equal(old.embedding[i], new.embedding[i]) for i in old.index[:200])
+    assert not two["topics"]["reclustered"] and two["topics"]["assigned"] == 2
+    assert two["topics"]["drift"] is not None
+    # Sketches: exactly the users with new interactions (or a rating of a new item) were rebuilt.
+    s_old = pd.read_parquet(before / "sketches").set_index("user_id")
+    s_new = pd.read_parquet(after / "sketches").set_index("user_id")
+    changed = set(night2.user_id)
+    assert two["sketches"]["users_sketched"] == len(changed) and not two["sketches"]["rebuilt_all"]
+    untouched = s_old.index.difference(sorted(changed))
+    assert len(untouched) > 800
+    assert (s_old.loc[untouched, "as_of_ts"] == s_new.loc[untouched, "as_of_ts"]).all()
+    assert all(str(s_old.loc[u, "recent"]) == str(s_new.loc[u, "recent"]) for u in untouched[:100])
+    grew = night2.groupby("user_id").size()
+    known = grew.index.intersection(s_old.index)
+    assert (s_new.loc[known, "n_history"] == s_old.loc[known, "n_history"] + grew[known]).all()
+
+
+def test_second_nights_ratings_reflect_the_new_interactions(nights):
+    ratings = pd.read_parquet(nights["wh"] / "ml-100k" / "ratings")
+    ratings["run_date"] = ratings.run_date.astype(str)
+    wide = ratings.pivot_table(index=["user_id", "item_id"], columns="run_date", values="rating")
+    assert len(wide) == len(nights["cands"]) and wide.notna().all().all()
+    quiet = wide[wide.index.get_level_values(0).isin(nights["quiet"])]
+    moved = wide[wide.index.get_level_values(0).isin(nights["arriving"].user_id)]
+    assert np.allclose(quiet[NIGHT1], quiet[NIGHT2], atol=1e-4)   # same sketch, same rating
+    assert (abs(moved[NIGHT1] - moved[NIGHT2]) > 1e-4).all()       # the new ratings are in the sketch
+
+
+def test_night_two_evaluates_night_ones_ratings_against_the_arrived_truth(nights):
+    ev = nights["two"]["evaluate"]
+    assert ev["scored_on"] == NIGHT1 and ev["truth_pairs"] == len(nights["arriving"])
+    metrics = pd.read_parquet(nights["wh"] / "ml-100k" / "metrics")
+    mine = metrics[(metrics.eval_id == f"nightly-{NIGHT2}") & (metrics.segment == "all")]
+    mae = mine[mine.metric == "mae"].set_index("system")
+    assert {"baseline:bias", "baseline:global_mean"} <= set(mae.index)
+    assert (mae.n == len(nights["arriving"])).all()
+    truth = nights["arriving"].set_index(["user_id", "item_id"]).rating
+    llm = pd.read_parquet(nights["wh"] / "ml-100k" / "ratings")
+    llm = llm[llm.run_date.astype(str) == NIGHT1].set_index(["user_id", "item_id"]).rating
+    expected = float((llm.reindex(truth.index) - truth).abs().mean())
+    llm_system = next(s for s in mae.index if s.startswith("llm:") and "/" not in s)   # the expected-value readout
+    assert mae.loc[llm_system, "value"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_rerunning_a_night_changes_nothing(spark, nights):
+    before = {t: _read(nights["wh"], t) for t in TABLES}
+    again = nightly.run_night(spark, nights["cfg"], NIGHT2)
+    assert all(again[s].get("resumed") == "already done" for s in ("ingest", "sketches", "score"))
+    redone = nightly.run_night(spark, nights["cfg"], NIGHT2, redo=True)
+    assert "resumed" not in redone["sketches"] and redone["embed"]["embedded"] == 2
+    for table in TABLES:
+        _same(before[table], _read(nights["wh"], table), table)
+    with pytest.raises(Exception, match="date order"):
+        nightly.run_night(spark, nights["cfg"], NIGHT1)
+
+
+def test_a_killed_night_resumes_with_the_same_tables(spark, nights, capsys):
+    root = nights["root"]
+    wh = root / "killed"
+    shutil.copytree(root / "after-night1", wh)
+    args = ["nightly", "--run-date", NIGHT2, *_overrides(wh, root / "arrivals", root / "candidates.parquet")]
+    marker = wh / "ml-100k" / "_nightly" / NIGHT2 / "embed.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SIREN_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "siren_batch.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the night never finished its embed step"
+    os.killpg(proc.pid, signal.SIGKILL)   # mid-night: in topics or sketches, lock left behind
+    proc.wait()
+    assert not (wh / "ml-100k" / "_nightly" / NIGHT2 / "done.json").exists()
+    # The dead run's lock is detected; --break-lock takes it over and the night resumes.
+    assert cli.main(args) == 2
+    assert "no longer running" in capsys.readouterr().err
+    assert cli.main([*args, "--break-lock"]) == 0
+    for table in TABLES:
+        _same(_read(nights["wh"], table), _read(wh, table), table)
+
+
+def test_a_second_concurrent_run_is_refused_in_one_line(nights, tmp_path, capsys):
+    cfg = load_config(overrides=[f"warehouse={tmp_path}"])
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        holder = {"host": socket.gethostname(), "pid": sleeper.pid, "run_id": "night-a", "what": "nightly",
+                  "started_at": "2026-01-05T01:00:00+00:00"}
+        Path(lock.lock_path(cfg)).parent.mkdir(parents=True)
+        Path(lock.lock_path(cfg)).write_text(__import__("json").dumps(holder))
+        start = time.monotonic()
+        assert cli.main(["nightly", "--run-date", NIGHT2, f"warehouse={tmp_path}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert time.monotonic() - start < 30
+        assert len(err.splitlines()) == 1
+        for part in (socket.gethostname(), str(sleeper.pid), "2026-01-05T01:00:00", "night-a", "is running"):
+            assert part in err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert cli.main(["nightly", "--run-date", NIGHT2, f"warehouse={tmp_path}"]) == 2
+    assert "no longer running: rerun with --break-lock" in capsys.readouterr().err
