@@ -171,7 +171,9 @@ def _frame(folder: Path) -> pd.DataFrame:
 
 
 def test_demo_chain_on_a_standalone_cluster_equals_local_mode(spark, ml100k, cluster, tmp_path):
-    run = _submit(cluster, "run_all", tmp_path / "cluster", "prompts.variants=sketch,raw",
+    # The sketch variant only (the session's local chain also holds raw prompts; compared
+    # below on the sketch rows): raw histories cost a minute of tokenizing and test nothing more.
+    run = _submit(cluster, "run_all", tmp_path / "cluster", "prompts.variants=sketch",
                   "spark.shuffle_partitions=4", "spark.driver_memory=2g", *SCORE)
     # spark-submit relays the Python driver's stdout and stderr on its own stdout
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
@@ -183,6 +185,8 @@ def test_demo_chain_on_a_standalone_cluster_equals_local_mode(spark, ml100k, clu
             continue
         assert (remote / table).exists(), f"the cluster run did not write {table}"
         mine, theirs = _frame(remote / table), _frame(local / table)
+        if table == "prompts":
+            theirs = theirs[theirs.variant == "sketch"].reset_index(drop=True)
         assert list(mine.columns) == list(theirs.columns), table
         assert len(mine) == len(theirs), f"{table}: {len(mine)} rows on the cluster, {len(theirs)} locally"
         for column in mine.columns:
