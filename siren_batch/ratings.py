@@ -20,13 +20,13 @@ import dataclasses
 import datetime as dt
 import logging
 import math
-import time
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.config import Config
+from siren_batch.console import Progress
 from siren_batch.warehouse import (delete_path, list_dir, move_path, path_exists, read_table,
                                    read_text, run_record, write_table, write_text)
 
@@ -184,22 +184,3 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
             "errors_by_reason": by_error, "prompt_tokens": int(agg.prompt_tokens or 0),
             "output_tokens": int(agg.output_tokens or 0), "table": cfg.table_path("ratings")}
 
-
-class Progress:
-    """Rows done / total, rows/s and ETA, logged at most every `every_s` seconds."""
-
-    def __init__(self, total: int, every_s: float):
-        self.total, self.every_s = total, every_s
-        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
-
-    def update(self, rows: int) -> str:
-        self.done += rows
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        line = (f"scored {self.done}/{self.total} rows ({100 * self.done / max(self.total, 1):.1f}%), "
-                f"{rate:.1f} rows/s, ETA {eta:.0f}s")
-        if elapsed - self.last >= self.every_s or self.done >= self.total:
-            logger.info(line)
-            self.last = elapsed
-        return line
