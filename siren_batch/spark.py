@@ -6,14 +6,21 @@ or Kubernetes master by setting `spark.master` (see conf/cluster.yaml).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
+from pathlib import Path
 
+from siren_batch import console
 from siren_batch.config import ConfigError, SparkConfig
 
 logger = logging.getLogger(__name__)
+
+# The driver JVM's log4j configuration: WARN and above, without the harmless warnings
+# every laptop run prints (no native BLAS, no native Hadoop, loopback hostname, ...).
+LOG4J_CONFIG = Path(__file__).with_name("log4j2.properties")
 
 
 def check_java() -> None:
@@ -50,9 +57,44 @@ def get_spark(cfg: SparkConfig):
         .config("spark.sql.sources.partitionOverwriteMode", "dynamic")
         .config("spark.executorEnv.PYSPARK_PYTHON", os.environ["PYSPARK_PYTHON"])
     )
-    for key, value in cfg.extra.items():
+    for key, value in {**cfg.extra, "spark.driver.extraJavaOptions": driver_java_options(cfg)}.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    with _jvm_stderr_to(console.jvm_stderr()):
+        spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     logger.info("spark session: master=%s version=%s", cfg.master, spark.version)
     return spark
+
+
+def driver_java_options(cfg: SparkConfig) -> str:
+    """spark.driver.extraJavaOptions with our log4j2.properties, merged into the user's
+    own options (spark.extra) unless those already name a log4j configuration."""
+    own = cfg.extra.get("spark.driver.extraJavaOptions", "").strip()
+    if "log4j2.configurationFile" in own or "log4j.configurationFile" in own:
+        return own
+    return f"{own} -Dlog4j2.configurationFile={LOG4J_CONFIG.as_uri()}".strip()
+
+
+@contextlib.contextmanager
+def _jvm_stderr_to(path: Path | None):
+    """While the driver JVM starts, point file descriptor 2 at `path`, so the JVM
+    inherits it. Its native-library lines (netlib's "JNI_OnLoad: dlopen(libblas.so.3)
+    failed"), the JVM's "Using incubator modules" and, in local mode, the Python workers'
+    stderr are printed past log4j and can only be caught there. A no-op when `path` is
+    None or a SparkContext is already running (its JVM has its stderr already)."""
+    from pyspark import SparkContext
+
+    if path is None or SparkContext._active_spark_context is not None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.dup2(target, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(target)
