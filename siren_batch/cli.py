@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--redo", action="store_true", help="nightly: run every step of a finished night again")
     parser.add_argument("--break-lock", action="store_true",
                         help="remove the warehouse lock left by a run that died, then go on")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every log line (and Spark's) on the console, not only in the run's log file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. topics.k=30 spark.master=yarn")
     return parser
@@ -123,11 +125,14 @@ def _root_cause(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("SIREN_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("py4j", "httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from siren_batch import console
+
     args = _parser().parse_intermixed_args(argv)
+    try:  # the run's log file goes beside its tables; run() below reports a bad config
+        log_cfg = None if args.stage == "show-config" else load_config(args.conf, args.overrides)
+    except (ConfigError, FileNotFoundError):
+        log_cfg = None
+    console.setup_logging(log_cfg, verbose=args.verbose, stage=args.stage)
     try:
         result = run(args.stage, args.conf, args.overrides, run_date=args.run_date, redo=args.redo,
                      break_lock=args.break_lock)
