@@ -110,9 +110,10 @@ class ConsoleHandler(logging.Handler):
 
     The stage loop in siren_batch.cli logs "stage %s: start ..." and "stage %s: done in
     %.1fs" on the "siren_batch" logger; the run record (siren_batch.warehouse) logs
-    "run %s %s: %s in %.1fs (in=%d out=%d rejected=%d)" just before the end. Those
-    records are recognised by their format strings and their arguments read, so the
-    stage code need not know about the console."""
+    "run %s %s: %s in %.1fs (in=%d out=%d rejected=%d)" just before the end; a night's
+    steps (siren_batch.nightly) log "nightly %s %s: start" and end with their run record.
+    Those records are recognised by their format strings and their arguments read, so
+    the stage code need not know about the console."""
 
     def __init__(self, stream=None, verbose: bool = False):
         super().__init__(logging.INFO)
@@ -122,6 +123,7 @@ class ConsoleHandler(logging.Handler):
         self.shown = False           # a live line is on the terminal
         self.counts: dict = {}       # stage -> (in, out, rejected), from its run record
         self.stage = ""              # the running stage, named in front of progress lines
+        self.run_stage = ""          # its name in the run records ("nightly-ingest" for a night's step)
         self.setFormatter(logging.Formatter(FILE_FORMAT))
 
     def live(self, text: str) -> None:
@@ -158,14 +160,18 @@ class ConsoleHandler(logging.Handler):
     def _quiet(self, record: logging.LogRecord) -> None:
         msg, args = str(record.msg), record.args if isinstance(record.args, tuple) else ()
         if record.name == "siren_batch" and msg.startswith("stage %s: start") and args:
-            self.counts.pop(args[0], None)
-            self.stage = args[0]
-            self.live("") if self.tty else self.line(f"{args[0]} ...")
+            self._start(args[0], record=args[0])
         elif record.name == "siren_batch" and msg.startswith("stage %s: done") and len(args) >= 2:
-            self.stage = ""
-            self.line(f"{args[0]} done in {float(args[1]):.1f} s{_counts(self.counts.pop(args[0], None))}")
+            self._done(args[0], float(args[1]), self.counts.pop(args[0], None))
         elif record.name == "siren_batch.warehouse" and msg.startswith("run %s %s:") and len(args) >= 7:
-            self.counts[args[0]] = tuple(args[4:7])
+            if args[0] == self.run_stage and args[0].startswith("nightly-"):   # a night's step ends here
+                self._done(self.stage, float(args[3]), tuple(args[4:7]), status=args[2])
+            else:
+                self.counts[args[0]] = tuple(args[4:7])
+        elif record.name == "siren_batch.nightly" and msg.startswith("nightly %s %s: start") and len(args) >= 2:
+            self._start(f"nightly {args[0]} {args[1]}", record=f"nightly-{args[1]}")
+        elif record.name == "siren_batch.nightly" and msg.startswith("nightly %s %s: already"):
+            self.line(record.getMessage())
         elif getattr(record, "live", False):
             self.live(record.getMessage()) if self.tty else self.line(
                 f"{self.stage}: {record.getMessage()}" if self.stage else record.getMessage())
@@ -174,6 +180,16 @@ class ConsoleHandler(logging.Handler):
         elif record.levelno >= logging.WARNING and record.name.startswith("siren_batch"):
             where = f" (traceback in {_state['log_file']})" if record.exc_info and _state["log_file"] else ""
             self.line(f"{record.levelname}: {record.getMessage()}{where}")
+
+    def _start(self, stage: str, record: str) -> None:
+        self.counts.pop(record, None)
+        self.stage, self.run_stage = stage, record
+        self.live("") if self.tty else self.line(f"{stage} ...")
+
+    def _done(self, stage: str, seconds: float, counts, status: str = "ok") -> None:
+        self.stage = self.run_stage = ""
+        ended = "done in" if status == "ok" else f"{status} after"
+        self.line(f"{stage} {ended} {seconds:.1f} s{_counts(counts)}")
 
 
 def _counts(counts) -> str:

@@ -164,3 +164,17 @@ def test_verbose_shows_every_log_line(spark, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0, err[-3000:]
     assert "INFO siren_batch.warehouse: wrote interactions" in err and len(err.splitlines()) > 5
+
+
+def test_a_nights_steps_are_lines_too():
+    out = io.StringIO()
+    handler = ConsoleHandler(out)
+    for rec in [record("siren_batch.nightly", "nightly %s %s: already done", "1998-04-06", "ingest"),
+                record("siren_batch.nightly", "nightly %s %s: start", "1998-04-06", "embed"),
+                record("siren_batch.warehouse", "wrote %s: %d rows -> %s", "item_embeddings", 3, "/wh"),
+                record("siren_batch.warehouse", "run %s %s: %s in %.1fs (in=%d out=%d rejected=%d)",
+                       "nightly-embed", "r1", "ok", 4.25, 12, 3, 0)]:
+        handler.handle(rec)
+    assert out.getvalue().splitlines() == ["nightly 1998-04-06 ingest: already done",
+                                           "nightly 1998-04-06 embed ...",
+                                           "nightly 1998-04-06 embed done in 4.2 s: 12 in, 3 out"]
