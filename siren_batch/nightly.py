@@ -45,10 +45,11 @@ from typing import Callable
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from siren_batch import schemas
 from siren_batch.config import Config, ConfigError
-from siren_batch.warehouse import (RunRecord, delete_path, list_dir, path_exists, read_table, read_text,
+from siren_batch.warehouse import (RunRecord, append_table, delete_path, list_dir, path_exists, read_table, read_text,
                                    run_record, table_exists, write_table, write_text)
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,25 @@ def _arrivals_cfg(spark: SparkSession, cfg: Config, night: Night) -> tuple[Confi
 
 
 def _partition(spark: SparkSession, cfg: Config, table: str, schema, run_date: str) -> DataFrame:
+    """The run_date partition of a nightly table (empty when that night had none)."""
+    if not path_exists(spark, f"{cfg.table_path(table)}/run_date={run_date}"):
+        return spark.createDataFrame([], T.StructType(schema.fields[:-1]))
     return read_table(spark, cfg, table, schema).where(F.col("run_date") == run_date).drop("run_date")
+
+
+def _write_partition(df: DataFrame, rows: int, cfg: Config, table: str, schema, run_date: str) -> None:
+    """Replace the run_date partition of `table` with df; an empty df only removes it
+    (no Spark job for nothing, and a redo never keeps an older night's rows)."""
+    if rows:
+        write_table(df.withColumn("run_date", F.lit(run_date)), cfg, table, schema, partition_by=["run_date"])
+    else:
+        delete_path(df.sparkSession, f"{cfg.table_path(table)}/run_date={run_date}")
+
+
+def _partition_rows(spark: SparkSession, cfg: Config, table: str, run_date: str) -> int:
+    """Rows in a run_date partition, 0 when absent (Parquet footers only)."""
+    path = f"{cfg.table_path(table)}/run_date={run_date}"
+    return spark.read.parquet(path).count() if path_exists(spark, path) else 0
 
 
 def _merge(stored: DataFrame, fresh: DataFrame, keys: list[str]) -> DataFrame:
@@ -180,17 +199,18 @@ def ingest_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) 
                 raise RuntimeError(f"{source}: input {inputs[source]} != kept {kept_n[source]} + rejected {rejected}")
         # Arrivals first (they read the old items), then each table from the stored
         # one and tonight's partition: every write reads only what is not yet replaced.
-        write_table(rejects.withColumns(stamp), cfg, "night_rejects", NIGHT_REJECTS, partition_by=["run_date"])
-        write_table(new_items.withColumns(stamp), cfg, "arrived_items", ARRIVED_ITEMS, partition_by=["run_date"])
-        write_table(delta.withColumns(stamp), cfg, "arrived_interactions", ARRIVED_INTERACTIONS,
-                    partition_by=["run_date"])
+        rejected = counts["rejected_interactions"] + counts["rejected_items"]
+        _write_partition(rejects, rejected, cfg, "night_rejects", NIGHT_REJECTS, night.run_date)
+        _write_partition(new_items, kept_n["items"], cfg, "arrived_items", ARRIVED_ITEMS, night.run_date)
+        _write_partition(delta, kept_n["interactions"], cfg, "arrived_interactions", ARRIVED_INTERACTIONS,
+                         night.run_date)
         for df in (new_items, item_rejects, delta, rejects):
             df.unpersist()
-        write_table(_merge(stored_items, _partition(spark, cfg, "arrived_items", ARRIVED_ITEMS, night.run_date),
-                           ["item_id"]), cfg, "items", schemas.ITEMS)
-        arrived = _partition(spark, cfg, "arrived_interactions", ARRIVED_INTERACTIONS, night.run_date)
-        write_table(_merge(read_table(spark, cfg, "interactions", schemas.INTERACTIONS), arrived,
-                           ["user_id", "item_id"]), cfg, "interactions", schemas.INTERACTIONS)
+        if kept_n["items"]:
+            write_table(_merge(stored_items, _partition(spark, cfg, "arrived_items", ARRIVED_ITEMS, night.run_date),
+                               ["item_id"]), cfg, "items", schemas.ITEMS)
+        if kept_n["interactions"]:
+            _add_interactions(spark, cfg, night)
         data.check_reject_fraction({**{f"rejected_{s}_{r}": 0 for s, rs in data.REJECT_REASONS.items() for r in rs},
                                     **counts}, cfg.data.max_reject_fraction)
     rec.input_rows = counts["input_interactions"]
@@ -199,12 +219,31 @@ def ingest_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) 
     return {k: v for k, v in counts.items() if not (k.startswith("rejected_") and v == 0 and k.count("_") > 1)}
 
 
+def _add_interactions(spark: SparkSession, cfg: Config, night: Night) -> None:
+    """Tonight's arrivals into `interactions`: appended as one file when none of their
+    pairs is stored yet (work in proportion to the arrivals), else the table is
+    rewritten with the stored rows of those pairs replaced (a re-rating, or a step
+    that runs again after its append)."""
+    arrived = _partition(spark, cfg, "arrived_interactions", ARRIVED_INTERACTIONS, night.run_date)
+    stored = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+    keys = ["user_id", "item_id"]
+    overlap = stored.select(*keys).join(F.broadcast(arrived.select(*keys)), on=keys, how="left_semi").limit(1).count()
+    if overlap:
+        logger.info("some arrived pairs are stored already: rewriting interactions with them replaced")
+        write_table(_merge(stored, arrived, keys), cfg, "interactions", schemas.INTERACTIONS)
+    else:
+        append_table(arrived, cfg, "interactions", schemas.INTERACTIONS)
+
+
 def embed_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -> dict:
     from siren_batch.embed import embed_items
 
+    rec.reads, rec.writes = ["arrived_items", "item_embeddings"], ["item_embeddings"]
+    if not _partition_rows(spark, cfg, "arrived_items", night.run_date):
+        rec.writes = []
+        return {"embedded": 0}
     arrived = _partition(spark, cfg, "arrived_items", ARRIVED_ITEMS, night.run_date)
     fresh = embed_items(arrived, cfg.embed)
-    rec.reads, rec.writes = ["arrived_items", "item_embeddings"], ["item_embeddings"]
     if not night.bootstrap and table_exists(spark, cfg, "item_embeddings"):
         fresh = _merge(read_table(spark, cfg, "item_embeddings", schemas.ITEM_EMBEDDINGS), fresh, ["item_id"])
     rec.input_rows = arrived.count()
@@ -234,6 +273,9 @@ def topics_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) 
         why = "first night"
     elif cfg.nightly.recluster:
         why = "nightly.recluster"
+    elif not _partition_rows(spark, cfg, "arrived_items", night.run_date):
+        rec.writes = []
+        return {"assigned": 0, "drift": None, "reclustered": False}
     else:
         stored = read_table(spark, cfg, "item_topics", schemas.ITEM_TOPICS)
         topic_df = read_table(spark, cfg, "topics", schemas.TOPICS)
@@ -260,11 +302,15 @@ def topics_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) 
             "topics": topic_df.count()}
 
 
-def changed_users(interactions: DataFrame, arrived_interactions: DataFrame, arrived_items: DataFrame) -> DataFrame:
+def changed_users(interactions: DataFrame, arrived_interactions: DataFrame,
+                  arrived_items: DataFrame | None) -> DataFrame:
     """Users whose serving sketch changes tonight: those with new interactions, and those
     who rated an item that arrived (new or changed text, so maybe another topic)."""
-    rated_arrived = interactions.join(arrived_items.select("item_id"), on="item_id", how="left_semi")
-    return arrived_interactions.select("user_id").unionByName(rated_arrived.select("user_id")).distinct()
+    users = arrived_interactions.select("user_id")
+    if arrived_items is not None:
+        rated = interactions.join(F.broadcast(arrived_items.select("item_id")), on="item_id", how="left_semi")
+        users = users.unionByName(rated.select("user_id"))
+    return users.distinct()
 
 
 def sketches_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord, *, rebuild_all: bool) -> dict:
@@ -281,14 +327,17 @@ def sketches_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
                                       cfg, "sketches", schemas.SKETCHES)
         rec.input_rows = interactions.count()
         return {"users_sketched": rec.output_rows, "sketches": rec.output_rows, "rebuilt_all": True}
+    arrived_items = (_partition(spark, cfg, "arrived_items", ARRIVED_ITEMS, night.run_date)
+                     if _partition_rows(spark, cfg, "arrived_items", night.run_date) else None)
     users = changed_users(interactions,
                           _partition(spark, cfg, "arrived_interactions", ARRIVED_INTERACTIONS, night.run_date),
-                          _partition(spark, cfg, "arrived_items", ARRIVED_ITEMS, night.run_date)).localCheckpoint()
-    history = interactions.join(users, on="user_id", how="left_semi")
+                          arrived_items)
+    history = interactions.join(F.broadcast(users), on="user_id", how="left_semi")
     fresh = serving_sketches(history, items, item_topics, topic_df, cfg.sketches).localCheckpoint()
     stored = read_table(spark, cfg, "sketches", schemas.SKETCHES)
     total = write_table(_merge(stored, fresh, ["user_id"]), cfg, "sketches", schemas.SKETCHES)
-    rec.input_rows, rec.output_rows = history.count(), fresh.count()
+    rec.output_rows = fresh.count()
+    rec.input_rows = int(fresh.agg(F.sum("n_history")).first()[0] or 0)   # the history rows read
     return {"users_sketched": rec.output_rows, "sketches": total, "rebuilt_all": False}
 
 

@@ -29,6 +29,7 @@ def ingest(spark: SparkSession, cfg: Config) -> dict:
     from siren_batch.data import RejectsExceeded, check_reject_fraction, ingest as read_source
 
     with run_record(spark, cfg, "ingest") as rec:
+        rec.reads, rec.writes = [f"{cfg.data.source}:{cfg.data.path or 'bundled'}"], ["rejects", "interactions", "items"]
         result = read_source(spark, cfg)
         counts = result.counts
         write_table(result.rejects, cfg, "rejects", schemas.REJECTS)
@@ -52,6 +53,7 @@ def embed(spark: SparkSession, cfg: Config) -> dict:
     from siren_batch.embed import embed_items
 
     with run_record(spark, cfg, "embed") as rec:
+        rec.reads, rec.writes = ["items"], ["item_embeddings"]
         items = read_table(spark, cfg, "items", schemas.ITEMS)
         rec.input_rows = items.count()
         rec.output_rows = write_table(embed_items(items, cfg.embed), cfg, "item_embeddings",
@@ -63,6 +65,7 @@ def topics(spark: SparkSession, cfg: Config) -> dict:
     from siren_batch.topics import build_topics
 
     with run_record(spark, cfg, "topics") as rec:
+        rec.reads, rec.writes = ["item_embeddings", "items"], ["topics", "item_topics"]
         embeddings = read_table(spark, cfg, "item_embeddings", schemas.ITEM_EMBEDDINGS)
         items = read_table(spark, cfg, "items", schemas.ITEMS)
         topic_df, item_topics = build_topics(embeddings, items, cfg.topics)
@@ -87,6 +90,7 @@ def sketches(spark: SparkSession, cfg: Config) -> dict:
     from siren_batch.sketches import example_sketches, serving_sketches
 
     with run_record(spark, cfg, "sketches") as rec:
+        rec.reads, rec.writes = ["interactions", "items", "item_topics", "topics"], ["example_sketches", "sketches"]
         interactions, items, item_topics, topic_df = _sketch_inputs(spark, cfg)
         rec.input_rows = interactions.count()
         examples = example_sketches(interactions, items, item_topics, topic_df, cfg.sketches)
@@ -102,6 +106,7 @@ def prompts(spark: SparkSession, cfg: Config) -> dict:
     from siren_batch.prompts import build_prompts
 
     with run_record(spark, cfg, "prompts") as rec:
+        rec.reads, rec.writes = ["example_sketches", "items", "interactions"], ["prompts"]
         examples = read_table(spark, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)
         pairs = examples.where(F.col("split").isin(cfg.prompts.splits))
         items = read_table(spark, cfg, "items", schemas.ITEMS)
@@ -151,6 +156,7 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
     from siren_batch.warehouse import table_exists, write_text
 
     with run_record(spark, cfg, "evaluate") as rec:
+        rec.reads, rec.writes = ["interactions", "ratings"], ["metrics", "reports"]
         interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS).cache()
         run_date, ratings = _latest_ratings(spark, cfg)
         model = ratings.select("model_id").first()

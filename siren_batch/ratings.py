@@ -101,6 +101,9 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
     load_if_present(cfg)  # a calibrator fit for other settings fails here, not after the scoring
     staging = f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}/_staging/ratings-{run_date}"
     with run_record(spark, cfg, "score") as rec:
+        rec.reads = ["sketches" if not cfg.score.candidates.startswith("split:") else "example_sketches",
+                     "interactions", "items"] + ([] if cfg.score.candidates.startswith("split:") else [cfg.score.candidates])
+        rec.writes = ["ratings"]
         pairs, history = candidate_pairs(spark, cfg)
         if cfg.score.limit:
             pairs = pairs.orderBy(F.xxhash64("user_id", "item_id"), "user_id", "item_id").limit(cfg.score.limit)

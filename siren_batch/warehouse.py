@@ -136,6 +136,22 @@ def write_table(df: DataFrame, cfg: Config, table: str, schema: T.StructType, *,
     return rows
 
 
+def append_table(df: DataFrame, cfg: Config, table: str, schema: T.StructType) -> int:
+    """Add df's rows to an unpartitioned `table` as ONE new Parquet file, written in a
+    staging folder and renamed in (one atomic rename: readers see all of it or none).
+    For small additions to a big table (a night's arrivals); returns the rows added."""
+    spark = df.sparkSession
+    final = cfg.table_path(table)
+    stage = f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}/_staging/{table}-append-{uuid.uuid4().hex[:8]}"
+    conform(df, schema).coalesce(1).write.mode("overwrite").parquet(stage)
+    rows = spark.read.schema(schema).parquet(stage).count()
+    for part in [p for p in list_dir(spark, stage) if not p.startswith(("_", "."))]:
+        move_path(spark, f"{stage}/{part}", f"{final}/{part}")
+    delete_path(spark, stage)
+    logger.info("appended to %s: %d rows -> %s", table, rows, final)
+    return rows
+
+
 def _swap(spark: SparkSession, src: str, dst: str) -> None:
     """Move src to dst, replacing dst; the old copy is moved aside first and
     deleted last, so dst is never half-written."""

@@ -38,6 +38,10 @@ def _check_chain(spark, cfg, summaries):
     run = runs[runs.stage == "ingest"].iloc[-1]
     assert run.input_rows == run.output_rows + run.rejected_rows
     assert set(runs.stage) >= set(pipeline.SKETCH_CHAIN) and (runs.status == "ok").all()
+    # Each run says what it read and wrote.
+    wrote = runs.groupby("stage").writes.last()
+    assert wrote["ingest"] == "rejects,interactions,items" and wrote["sketches"] == "example_sketches,sketches"
+    assert runs[runs.stage == "topics"].reads.iloc[-1] == "item_embeddings,items"
     # One example sketch per target interaction.
     assert t["example_sketch_rows"] == len(inter)
 

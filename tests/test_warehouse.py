@@ -40,3 +40,16 @@ def test_text_round_trip_for_hidden_marker_files(spark, cfg):
     path = f"{cfg.warehouse}/x/_marker"
     W.write_text(spark, path, "abc\ndef")
     assert W.read_text(spark, path) == "abc\ndef"
+
+
+def test_append_adds_one_file_and_keeps_the_rows(spark, cfg):
+    from pathlib import Path
+
+    rows = lambda ks: spark.createDataFrame([(f"k{k}", "d1") for k in ks], SCHEMA)
+    W.write_table(rows(range(5)), cfg, "t", SCHEMA)
+    before = {p.name for p in Path(cfg.table_path("t")).glob("part-*")}
+    assert W.append_table(rows(range(5, 8)).repartition(3), cfg, "t", SCHEMA) == 3
+    added = {p.name for p in Path(cfg.table_path("t")).glob("part-*")} - before
+    assert len(added) == 1    # one rename: readers see all three rows or none
+    assert sorted(r.k for r in W.read_table(spark, cfg, "t", SCHEMA).collect()) == [f"k{k}" for k in range(8)]
+    assert not W.list_dir(spark, f"{cfg.warehouse}/{cfg.dataset}/_staging")
