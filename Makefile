@@ -38,9 +38,11 @@ $(MODEL_DIR)/config.json: | $(VENV)/.installed
 
 model: install $(MODEL_DIR)/config.json
 
+# The console shows a line per stage, then the summary; each run's details are in its
+# log file (the summary's "logs:" line); `ARGS=--verbose` shows them as they happen.
 demo: model
 	$(CLI) all --conf conf/demo.yaml $(ARGS) > /dev/null
-	$(PY) -m siren_batch.summary $(ARGS)
+	@$(PY) -m siren_batch.summary $(filter-out -v --verbose,$(ARGS))
 
 test: model
 	$(PY) -m pytest -q --durations=15 -m "not vllm" tests

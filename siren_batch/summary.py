@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 from siren_batch.config import Config, load_config
+from siren_batch.console import log_dir
 
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_ratings.ipynb"
 TABLES = ["interactions", "items", "rejects", "item_embeddings", "topics", "item_topics",
           "example_sketches", "sketches", "prompts", "ratings", "metrics", "runs"]
 
@@ -51,9 +53,26 @@ def summarize(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def where_next(cfg: Config, overrides: list[str]) -> str:
+    """Where the run's logs, the notebook and the HTML report are (and how to write the
+    report when it is not there yet)."""
+    html = Path(cfg.table_path("reports")).resolve() / "latest.html"
+    report = (f"{html}" if html.exists() else
+              f"{html} (not written yet: {' '.join(['python -m siren_batch.report', *overrides])})")
+    notebook = _relative(NOTEBOOK) + ("" if NOTEBOOK.exists() else " (not there yet)")
+    return "\n".join([f"logs:      {log_dir(cfg).resolve()}/  (one file per run; --verbose shows it all)",
+                      f"notebook:  {notebook}  (jupyter lab {_relative(NOTEBOOK)})",
+                      f"report:    {report}"])
+
+
+def _relative(path: Path) -> str:
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(overrides=argv if argv is not None else sys.argv[1:])
-    sys.stdout.write(summarize(cfg) + "\n")
+    overrides = argv if argv is not None else sys.argv[1:]
+    cfg = load_config(overrides=overrides)
+    sys.stdout.write(summarize(cfg) + "\n\n" + where_next(cfg, overrides) + "\n")
     return 0
 
 

@@ -178,3 +178,17 @@ def test_a_nights_steps_are_lines_too():
     assert out.getvalue().splitlines() == ["nightly 1998-04-06 ingest: already done",
                                            "nightly 1998-04-06 embed ...",
                                            "nightly 1998-04-06 embed done in 4.2 s: 12 in, 3 out"]
+
+
+def test_the_demo_summary_ends_with_the_logs_the_notebook_and_the_report(tmp_path):
+    from siren_batch.config import load_config
+    from siren_batch.summary import where_next
+
+    overrides = [f"warehouse={tmp_path}"]
+    text = where_next(load_config(overrides=overrides), overrides)
+    assert f"logs:      {tmp_path}/_logs/ml-100k/" in text and "explore_ratings.ipynb" in text
+    assert f"{tmp_path}/ml-100k/reports/latest.html (not written yet: python -m siren_batch.report " \
+           f"warehouse={tmp_path})" in text
+    (tmp_path / "ml-100k" / "reports").mkdir(parents=True)
+    (tmp_path / "ml-100k" / "reports" / "latest.html").write_text("<html></html>")
+    assert where_next(load_config(overrides=overrides), overrides).endswith("reports/latest.html")
