@@ -154,16 +154,19 @@ def test_a_stage_run_prints_its_stage_and_the_log_holds_the_details(tmp_path):
     assert "_logs" not in {p.name for p in (tmp_path / "wh" / "tiny").iterdir()}   # tables only there
 
 
-def test_verbose_shows_every_log_line(spark, tmp_path, capsys):
+def test_verbose_shows_every_log_line(tmp_path, capsys):
+    """prepare-model (the model is prepared already: no Spark, a second) logs at INFO only."""
     from siren_batch.cli import main
 
     try:
-        rc = main(["ingest", "--verbose", f"warehouse={tmp_path / 'wh'}", *_source(tmp_path / "in")])
+        runs = {flags: (main(["prepare-model", *flags, f"warehouse={tmp_path}"]), capsys.readouterr().err)
+                for flags in [(), ("--verbose",)]}
     finally:
         console.teardown_logging()
-    err = capsys.readouterr().err
-    assert rc == 0, err[-3000:]
-    assert "INFO siren_batch.warehouse: wrote interactions" in err and len(err.splitlines()) > 5
+    assert runs[()] == (0, "")
+    rc, err = runs[("--verbose",)]
+    assert rc == 0 and "INFO siren_batch.assets: default LLM already at" in err
+    assert len(list((tmp_path / "_logs" / "ml-100k").glob("*-prepare-model.log"))) >= 1
 
 
 def test_a_nights_steps_are_lines_too():
