@@ -15,6 +15,7 @@ frame where stated), never an exception, so callers can say "not there yet".
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,17 +304,16 @@ def _runs_of(runs: pl.DataFrame, cfg: Config, run_id: str | None, run_date: str 
     if run_id is not None:
         return runs.filter(pl.col("run_id") == run_id), f"run {run_id}"
     night = Path(cfg.warehouse) / cfg.dataset / "_nightly" / str(run_date)
-    night_ids = [m.group(1) for p in sorted(night.glob("*.json"))
-                 if (m := re.search(r'"run_id": "([^"]+)"', p.read_text()))]
+    night_ids = [run for p in sorted(night.glob("*.json")) if (run := json.loads(p.read_text()).get("run_id"))]
     if night_ids:
         return runs.filter(pl.col("run_id").is_in(night_ids)), f"the night {run_date} (_nightly markers)"
     scored = runs.filter(pl.col("run_id").is_in(score_ids))
     if scored.is_empty():
-        latest = runs.sort("started_at").group_by("stage", maintain_order=True).last()
+        latest = runs.sort("started_at").group_by("stage", maintain_order=True).last().select(runs.columns)
         return latest, "the latest run of each stage (no run wrote this ratings partition)"
     start = scored["started_at"].min()
     before = (runs.filter((pl.col("started_at") < start) & pl.col("stage").is_in(CHAIN_STAGES))
-              .sort("started_at").group_by("stage", maintain_order=True).last())
+              .sort("started_at").group_by("stage", maintain_order=True).last().select(runs.columns))
     evaluated = runs.filter((pl.col("stage") == "evaluate") & (pl.col("started_at") > start))
     evaluated = evaluated.sort("started_at").tail(1)
     return (pl.concat([before, scored, evaluated]),
