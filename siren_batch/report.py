@@ -121,7 +121,8 @@ def _prediction_sections(cfg: Config, run_date: str | None) -> tuple[list[tuple[
         return [("Predicted and true ratings", missing("No scored pair of this run_date has a true rating "
                                                         "yet (it arrives with a later night)."))], {"with_truth": 0}
     out = [("Predicted and true ratings", image_html(plots.predicted_vs_true(pairs), "predicted vs true")
-            + f'<p class="note">{pairs.height} scored pairs with a true rating (interactions, any split).</p>')]
+            + f'<p class="note">{pairs.height} scored pairs with a true rating (interactions, any split); '
+            "predicted = the ratings column <code>rating</code>, the expected value of <code>probs</code>.</p>")]
     by_history = explore.error_by_history(cfg, pairs=pairs)
     out.append(("Error by history length", image_html(plots.error_by_history(by_history), "error by history")
                 + table_html(by_history)))
