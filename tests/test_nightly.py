@@ -9,6 +9,7 @@ concurrent run must be refused in one line.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -90,7 +91,8 @@ def nights(spark, ml100k, tmp_path_factory):
     cfg = load_config(overrides=_overrides(wh, root / "arrivals", root / "candidates.parquet"))
     one = nightly.run_night(spark, cfg, NIGHT1)
     shutil.copytree(wh, root / "after-night1")
-    two = nightly.run_night(spark, cfg, NIGHT2)
+    with_report = dataclasses.replace(cfg, nightly=dataclasses.replace(cfg.nightly, report=True))
+    two = nightly.run_night(spark, with_report, NIGHT2)
     return {"root": root, "cfg": cfg, "wh": wh, "one": one, "two": two, "night2": night2,
             "cands": cands, "quiet": quiet, "arriving": arriving}
 
@@ -147,6 +149,14 @@ def test_second_nights_ratings_reflect_the_new_interactions(nights):
     moved = wide[wide.index.get_level_values(0).isin(nights["arriving"].user_id)]
     assert np.allclose(quiet[NIGHT1], quiet[NIGHT2], atol=1e-4)   # same sketch, same rating
     assert (abs(moved[NIGHT1] - moved[NIGHT2]) > 1e-4).all()       # the new ratings are in the sketch
+
+
+def test_every_night_writes_its_html_report(nights):
+    report = Path(nights["two"]["report"]["report"])
+    assert report.name == f"run-{NIGHT2}.html" and report.exists()
+    page = report.read_text()
+    assert f"nightly-{NIGHT2}" in page and "baseline:bias" in page    # tonight's evaluation
+    assert page.count("<img") >= 4 and "nightly-sketches" in page
 
 
 def test_night_two_evaluates_night_ones_ratings_against_the_arrived_truth(nights):
