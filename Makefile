@@ -120,7 +120,7 @@ nightly: model
 	$(CLI) nightly --run-date $(RUN_DATE) $(ARGS)
 # MovieLens-100K cut by time into build/arrivals/, then its two nights (conf/nightly-demo.yaml).
 nightly-demo: model
-	$(PY) -m siren_batch.nightly cut --out build/arrivals --first 1998-04-06 --nights 2
+	$(PY) -m siren_batch.arrivals cut --out build/arrivals --first 1998-04-06 --nights 2
 	$(CLI) nightly --conf conf/nightly-demo.yaml --run-date 1998-04-06 $(ARGS)
 	$(CLI) nightly --conf conf/nightly-demo.yaml --run-date 1998-04-07 $(ARGS)
 # An incremental night (1% new interactions) against a full rebuild on MovieLens-1M.

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from siren_batch import cli, lock, nightly
+from siren_batch import arrivals, cli, lock, nightly
 from siren_batch.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def nights(spark, ml100k, tmp_path_factory):
     cfg100, _ = ml100k
     src = Path(cfg100.warehouse) / "ml-100k"
     root = tmp_path_factory.mktemp("nightly")
-    dates = nightly.cut_arrivals(pd.read_parquet(src / "interactions"), pd.read_parquet(src / "items"),
+    dates = arrivals.cut_arrivals(pd.read_parquet(src / "interactions"), pd.read_parquet(src / "items"),
                                  str(root / "arrivals"), NIGHT1, 2, held_items=2)
     assert dates == [NIGHT1, NIGHT2]
     night2 = pd.read_parquet(root / "arrivals" / NIGHT2 / "interactions.parquet")

@@ -1,0 +1,119 @@
+"""The night's score, evaluate and report steps (siren_batch.nightly)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from siren_batch import schemas
+from siren_batch.config import Config
+from siren_batch.nightly.night import (ARRIVED_INTERACTIONS, ARRIVED_ITEMS, DAY_MS, Night, _partition,
+                                       day_end_ms, state_dir)
+from siren_batch.warehouse import RunRecord, read_table, table_exists, write_table
+
+logger = logging.getLogger(__name__)
+
+
+def newest_candidates(interactions: DataFrame, arrived_items: DataFrame, items: DataFrame,
+                      n: int, end_ms: int, active_days: int) -> DataFrame:
+    """(user_id, item_id): users with an interaction in the `active_days` before end_ms
+    x the n newest items (latest arrival night, then latest first rating; items never
+    rated count as newest), less the pairs already rated."""
+    first_seen = arrived_items.groupBy("item_id").agg(F.min("run_date").alias("_seen"))
+    first_ts = interactions.groupBy("item_id").agg(F.min("ts").alias("_first_ts"))
+    newest = (items.select("item_id").join(first_seen, "item_id", "left").join(first_ts, "item_id", "left")
+              .orderBy(F.col("_seen").desc_nulls_last(), F.col("_first_ts").desc_nulls_first(), "item_id")
+              .limit(n).select("item_id"))
+    active = (interactions.where(F.col("ts") >= F.lit(end_ms - active_days * DAY_MS))
+              .select("user_id").distinct())
+    return (active.crossJoin(F.broadcast(newest))
+            .join(interactions.select("user_id", "item_id"), on=["user_id", "item_id"], how="left_anti"))
+
+
+def score_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -> dict:
+    from siren_batch.ratings import score_run
+
+    source = cfg.nightly.candidates
+    rec.reads = ["sketches", "interactions", "items"]
+    if source == "none":
+        return {"skipped": "nightly.candidates=none"}
+    if source.startswith("newest:"):
+        path = f"{state_dir(cfg, night.run_date)}/candidates"
+        pairs = newest_candidates(read_table(spark, cfg, "interactions", schemas.INTERACTIONS),
+                                  read_table(spark, cfg, "arrived_items", ARRIVED_ITEMS),
+                                  read_table(spark, cfg, "items", schemas.ITEMS),
+                                  int(source.split(":", 1)[1]), night.end_ms, cfg.nightly.active_days)
+        pairs.orderBy("user_id", "item_id").write.mode("overwrite").parquet(path)
+    else:
+        path = source.replace("{run_date}", night.run_date)
+        rec.reads.append(path)
+    night_cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, candidates=path,
+                                                                   run_date=night.run_date))
+    summary = score_run(spark, night_cfg)
+    rec.writes = ["ratings"]
+    rec.input_rows = rec.output_rows = summary["rows"]
+    rec.rejected_rows = summary["errors"]
+    return {**summary, "candidates": path}
+
+
+def evaluate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -> dict:
+    """The newest earlier ratings partition against tonight's arrivals for its pairs."""
+    from siren_batch.baselines import baseline_predictions
+    from siren_batch.evaluate import compute_metrics, join_truth, llm_systems
+
+    rec.reads, rec.writes = ["ratings", "arrived_interactions", "interactions"], ["metrics"]
+    if not table_exists(spark, cfg, "ratings"):
+        return {"skipped": "no ratings yet"}
+    ratings = read_table(spark, cfg, "ratings", schemas.RATINGS)
+    earlier = [r[0] for r in ratings.where(F.col("run_date") < night.run_date)
+               .select("run_date").distinct().collect()]
+    if not earlier:
+        return {"skipped": "no earlier ratings"}
+    scored_on = max(earlier)
+    preds = ratings.where(F.col("run_date") == scored_on)
+    arrived = _partition(spark, cfg, "arrived_interactions", ARRIVED_INTERACTIONS, night.run_date)
+    truth = arrived.join(preds.select("user_id", "item_id"), on=["user_id", "item_id"], how="left_semi")
+    n_truth = truth.count()
+    if n_truth == 0:
+        return {"skipped": f"no truth arrived tonight for the ratings of {scored_on}", "scored_on": scored_on}
+    # What was known when those ratings were made, plus tonight's truth as the test split.
+    known_end = day_end_ms(scored_on)
+    known = (read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+             .where(F.col("ts") < known_end).withColumn("split", F.lit("train"))
+             .join(truth.select("user_id", "item_id"), on=["user_id", "item_id"], how="left_anti"))
+    view = known.unionByName(truth.withColumn("split", F.lit("test"))).cache()
+    ev_cfg = dataclasses.replace(cfg.evaluate, split="test", missing="count")
+    eval_id = f"nightly-{night.run_date}"
+    in_truth = preds.join(truth.select("user_id", "item_id"), on=["user_id", "item_id"], how="left_semi")
+    model = preds.select("model_id").first()
+    systems = llm_systems(in_truth, cfg.evaluate.system or f"llm:{model.model_id.rstrip('/').split('/')[-1]}")
+    systems.update({f"baseline:{name}": p for name, p in baseline_predictions(view, "test", ev_cfg).items()})
+    parts = [compute_metrics(join_truth(p, view, "test"), view, ev_cfg, system, eval_id)
+             for system, p in systems.items()]
+    metrics = parts[0]
+    for part in parts[1:]:
+        metrics = metrics.unionByName(part)
+    metrics = metrics.localCheckpoint()
+    if table_exists(spark, cfg, "metrics"):
+        older = read_table(spark, cfg, "metrics", schemas.METRICS).where(F.col("eval_id") != eval_id)
+        metrics_all = older.unionByName(metrics).localCheckpoint()
+    else:
+        metrics_all = metrics
+    write_table(metrics_all, cfg, "metrics", schemas.METRICS)
+    view.unpersist()
+    rec.input_rows, rec.output_rows = n_truth, metrics.count()
+    overall = {r.system: r.value for r in metrics.where((F.col("segment") == "all") & (F.col("metric") == "mae"))
+               .collect()}
+    return {"eval_id": eval_id, "scored_on": scored_on, "truth_pairs": n_truth, "mae": overall}
+
+
+def report_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -> dict:
+    from siren_batch.report import write_report
+
+    rec.reads, rec.writes = ["metrics", "runs", "ratings", "night_rejects"], ["reports"]
+    return write_report(cfg, run_date=night.run_date)
+
+
