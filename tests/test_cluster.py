@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 MASTER_PORT = 7077
 MASTER = f"spark://127.0.0.1:{MASTER_PORT}"
 # What both runs score and evaluate: a deterministic 12-pair sample, fp32 (bf16 would make
-# the comparison depend on how rows meet in a batch), the same task count.
+# the comparison depend on how rows meet in a batch), the same task count; two baselines
+# (ALS alone took a minute of the cluster run; tests/test_baselines.py covers it).
 SCORE = ["score.limit=12", "score.partitions=2", "score.dtype=float32", "score.run_date=2026-01-05",
-         "evaluate.scope=scored", "evaluate.missing=count", "evaluate.als_ranks=[8]",
-         "evaluate.als_reg_params=[0.1]"]
+         "evaluate.scope=scored", "evaluate.missing=count", "evaluate.baselines=[global_mean,bias]"]
 # Columns that name a run, not its result.
 RUN_COLUMNS = {"run_id", "eval_id", "started_at", "duration_s"}
 TABLES = ["interactions", "items", "rejects", "item_embeddings", "topics", "item_topics", "sketches",
