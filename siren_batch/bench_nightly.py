@@ -23,6 +23,7 @@ import pandas as pd
 
 from siren_batch import nightly, pipeline
 from siren_batch.assets import REPO_ROOT
+from siren_batch.bench_sketch import time_stages
 from siren_batch.config import load_config
 from siren_batch.profiling import write_results
 from siren_batch.spark import get_spark
@@ -67,14 +68,9 @@ def _sketch_chain(spark, work: Path, source: str, overrides: list[str]) -> dict:
                                  f"data.path={work}/arrivals/full/interactions.parquet",
                                  f"data.items_path={work}/arrivals/full/items.parquet", "data.kcore=0",
                                  *overrides])
-    steps = {}
-    start = time.perf_counter()
-    for name in pipeline.SKETCH_CHAIN:
-        t0 = time.perf_counter()
-        pipeline.STAGES[name](spark, cfg)
-        spark.catalog.clearCache()
-        steps[name] = round(time.perf_counter() - t0, 1)
-    return {"seconds": round(time.perf_counter() - start, 1), "steps": steps}
+    stages = time_stages(spark, cfg)
+    return {"seconds": round(sum(s["seconds"] for s in stages.values()), 1),
+            "steps": {name: s["seconds"] for name, s in stages.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ def ingest(spark: SparkSession, cfg: Config, *, check_rejects: bool = False) -> 
                .unionByName(conform(inter_rejects, schemas.REJECTS))
                .unionByName(conform(kcore_rejects, schemas.REJECTS))).persist()
     inputs = {"interactions": raw_inter.count(), "items": raw_items.count()}
-    result = IngestResult(interactions, items, rejects, _counts(inputs, interactions, items, rejects))
+    result = IngestResult(interactions, items, rejects, ingest_counts(inputs, interactions, items, rejects))
     valid.unpersist()  # the outputs above are cached and counted: nothing reads it again
     logger.info("ingest %s: %s", data.source, result.counts)
     if check_rejects:
@@ -76,8 +76,8 @@ def ingest(spark: SparkSession, cfg: Config, *, check_rejects: bool = False) -> 
     return result
 
 
-def _counts(inputs: dict[str, int], interactions: DataFrame, items: DataFrame,
-            rejects: DataFrame) -> dict[str, int]:
+def ingest_counts(inputs: dict[str, int], interactions: DataFrame, items: DataFrame,
+                  rejects: DataFrame) -> dict[str, int]:
     by_reason = validate.reason_counts(rejects)
     counts: dict[str, int] = {}
     kept = {"interactions": interactions.count(), "items": items.count()}

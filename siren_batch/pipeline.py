@@ -153,7 +153,7 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
     from siren_batch.baselines import baseline_predictions
     from siren_batch.evaluate import (PAPER_ROWS, compute_metrics, join_truth, llm_systems, markdown_report,
                                       nll_metric)
-    from siren_batch.warehouse import table_exists, write_text
+    from siren_batch.warehouse import write_text
 
     with run_record(spark, cfg, "evaluate") as rec:
         rec.reads, rec.writes = ["interactions", "ratings"], ["metrics", "reports"]
@@ -179,12 +179,7 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
             metrics = metrics.unionByName(part)
         metrics = metrics.cache()
         rec.input_rows = ratings.count()
-        if table_exists(spark, cfg, "metrics"):
-            older = read_table(spark, cfg, "metrics", schemas.METRICS).where(F.col("eval_id") != eval_id)
-            metrics_all = older.unionByName(metrics)
-        else:
-            metrics_all = metrics
-        rec.output_rows = write_table(metrics_all.localCheckpoint(), cfg, "metrics", schemas.METRICS)
+        rec.output_rows = replace_evaluation(spark, cfg, metrics, eval_id)
         title = f"{cfg.dataset} {cfg.evaluate.split} (ratings run_date={run_date}, eval_id={eval_id})"
         report = markdown_report(metrics.toPandas(), title, PAPER_ROWS.get(cfg.dataset))
         for name in (f"{eval_id}.md", "latest.md"):
@@ -196,6 +191,17 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
         metrics.unpersist()
     return {"eval_id": eval_id, "run_date": run_date, "report": f"{cfg.table_path('reports')}/latest.md",
             "overall": overall}
+
+
+def replace_evaluation(spark: SparkSession, cfg: Config, metrics: DataFrame, eval_id: str) -> int:
+    """Write `metrics` into the metrics table in place of eval_id's older rows (the other
+    evaluations stay); returns the table's rows."""
+    from siren_batch.warehouse import table_exists
+
+    if table_exists(spark, cfg, "metrics"):
+        older = read_table(spark, cfg, "metrics", schemas.METRICS).where(F.col("eval_id") != eval_id)
+        metrics = older.unionByName(metrics)
+    return write_table(metrics.localCheckpoint(), cfg, "metrics", schemas.METRICS)
 
 
 def calibrate(spark: SparkSession, cfg: Config) -> dict:

@@ -80,16 +80,8 @@ def ingest_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) 
         delta = kept.withColumn("split", F.lit("train")).persist()
         rejects = item_rejects.unionByName(inter_rejects).persist()
         inputs = {"interactions": raw.count(), "items": raw_items.count()}
-        kept_n = {"interactions": delta.count(), "items": new_items.count()}
-        by_reason = validate.reason_counts(rejects)
-        counts = {}
-        for source in ("interactions", "items"):
-            rejected = sum(n for (s, _), n in by_reason.items() if s == source)
-            counts.update({f"input_{source}": inputs[source], f"kept_{source}": kept_n[source],
-                           f"rejected_{source}": rejected})
-            counts.update({f"rejected_{source}_{r}": n for (s, r), n in by_reason.items() if s == source})
-            if inputs[source] != kept_n[source] + rejected:
-                raise RuntimeError(f"{source}: input {inputs[source]} != kept {kept_n[source]} + rejected {rejected}")
+        counts = data.ingest_counts(inputs, delta, new_items, rejects)   # raises unless input = kept + rejected
+        kept_n = {source: counts[f"kept_{source}"] for source in ("interactions", "items")}
         # Arrivals first (they read the old items), then each table from the stored
         # one and tonight's partition: every write reads only what is not yet replaced.
         rejected = counts["rejected_interactions"] + counts["rejected_items"]
@@ -104,8 +96,7 @@ def ingest_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) 
                                ["item_id"]), cfg, "items", schemas.ITEMS)
         if kept_n["interactions"]:
             _add_interactions(spark, cfg, night)
-        data.check_reject_fraction({**{f"rejected_{s}_{r}": 0 for s, rs in data.REJECT_REASONS.items() for r in rs},
-                                    **counts}, cfg.data.max_reject_fraction)
+        data.check_reject_fraction(counts, cfg.data.max_reject_fraction)
     rec.input_rows = counts["input_interactions"]
     rec.output_rows = counts["kept_interactions"]
     rec.rejected_rows = counts["rejected_interactions"]

@@ -12,7 +12,7 @@ from siren_batch import schemas
 from siren_batch.config import Config
 from siren_batch.nightly.night import (ARRIVED_INTERACTIONS, ARRIVED_ITEMS, DAY_MS, Night, _partition,
                                        day_end_ms, state_dir)
-from siren_batch.warehouse import RunRecord, read_table, table_exists, write_table
+from siren_batch.warehouse import RunRecord, read_table, table_exists
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def evaluate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
     """The newest earlier ratings partition against tonight's arrivals for its pairs."""
     from siren_batch.baselines import baseline_predictions
     from siren_batch.evaluate import compute_metrics, join_truth, llm_systems
+    from siren_batch.pipeline import replace_evaluation
 
     rec.reads, rec.writes = ["ratings", "arrived_interactions", "interactions"], ["metrics"]
     if not table_exists(spark, cfg, "ratings"):
@@ -97,12 +98,7 @@ def evaluate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
     for part in parts[1:]:
         metrics = metrics.unionByName(part)
     metrics = metrics.localCheckpoint()
-    if table_exists(spark, cfg, "metrics"):
-        older = read_table(spark, cfg, "metrics", schemas.METRICS).where(F.col("eval_id") != eval_id)
-        metrics_all = older.unionByName(metrics).localCheckpoint()
-    else:
-        metrics_all = metrics
-    write_table(metrics_all, cfg, "metrics", schemas.METRICS)
+    replace_evaluation(spark, cfg, metrics, eval_id)
     view.unpersist()
     rec.input_rows, rec.output_rows = n_truth, metrics.count()
     overall = {r.system: r.value for r in metrics.where((F.col("segment") == "all") & (F.col("metric") == "mae"))
