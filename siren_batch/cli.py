@@ -27,7 +27,7 @@ from siren_batch.lock import LockHeld
 logger = logging.getLogger("siren_batch")
 
 CHAINS = {"all": "FULL_CHAIN", "sketch-chain": "SKETCH_CHAIN"}
-LOCK_FREE = {"train-sft", "export"}   # write under train.out_dir, not the warehouse
+LOCK_FREE = {"train-sft", "train-grpo", "train-align", "export"}   # write under train.out_dir, not the warehouse
 
 
 def _parser() -> argparse.ArgumentParser:

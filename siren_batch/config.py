@@ -286,6 +286,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
+    schedule: str = "linear"          # learning rate after warm-up: linear (decay to 0) | constant
     max_seq_len: int = 1024           # longer prompts are skipped and counted
     pack: bool = True                 # one user's targets behind one shared prefix in a row
     eval_every: int = 50              # optimizer steps between valid evaluations
@@ -305,6 +306,7 @@ class TrainConfig:
         _require(self.target in ("rating", "residual"), "train.target must be rating or residual")
         _require(self.variant in ("sketch", "recent", "raw"), "train.variant must be sketch, recent or raw")
         _require(self.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda")
+        _require(self.schedule in ("linear", "constant"), "train.schedule must be linear or constant")
         _require(self.dtype in ("auto", "float32", "bfloat16"), "train.dtype must be auto, float32 or bfloat16")
         _require(self.batch_size > 0 and self.grad_accum > 0 and self.lr > 0 and self.epochs > 0,
                  "train.batch_size, train.grad_accum, train.lr and train.epochs must be > 0")
@@ -316,6 +318,75 @@ class TrainConfig:
                  "train.valid_examples must be >= 0 (0 = no validation) or null (all)")
         _require(self.max_seq_len > 0 and self.max_grad_norm >= 0 and self.warmup_steps >= 0,
                  "train.max_seq_len must be > 0, train.max_grad_norm and train.warmup_steps >= 0")
+
+
+@dataclass
+class GrpoConfig:
+    """SIREN stage 1 (siren_batch.train.grpo): a format warm-up, then GRPO with TRL on
+    chain-of-thought prompts (`make train-grpo`). Model, device, dtype, seed and
+    valid sampling come from `train`; outputs under <train.out_dir>/<dataset>/<name>/."""
+    name: str = "grpo"                # run name; a second run with the same name resumes
+    method: str = "lora"              # lora | full (LoRA options: train.lora_*)
+    warmup_examples: int = 256        # format warm-up SFT rows (train split); 0 = none
+    warmup_epochs: float = 2.0
+    warmup_lr: float = 2e-4
+    warmup_teacher: str | None = None # model that writes the warm-up rationales (kept when its answer is right); null = the template
+    examples: int | None = 256        # GRPO prompts (train split, seeded sample)
+    epochs: float = 1.0               # the reference ran 2
+    group_size: int = 8               # completions per prompt
+    batch_size: int = 8               # completions per optimizer step (a multiple of group_size)
+    lr: float = 1e-6
+    kl_coef: float = 0.001            # beta of the KL term to the warm-up model
+    temperature: float = 1.0
+    max_prompt_tokens: int = 2048     # longer prompts are skipped and counted
+    max_completion_tokens: int = 512
+    checkpoint_every: int = 25        # optimizer steps between checkpoints (both phases)
+
+    def __post_init__(self) -> None:
+        _require(self.method in ("lora", "full"), "grpo.method must be lora or full")
+        _require(self.group_size >= 2, "grpo.group_size must be >= 2 (GRPO compares completions in a group)")
+        _require(self.batch_size % self.group_size == 0, "grpo.batch_size must be a multiple of grpo.group_size")
+        _require(self.warmup_examples >= 0 and self.checkpoint_every > 0, "grpo.warmup_examples must be >= 0, "
+                 "grpo.checkpoint_every > 0")
+        _require(self.lr > 0 and self.warmup_lr > 0 and self.epochs > 0 and self.kl_coef >= 0,
+                 "grpo.lr, grpo.warmup_lr and grpo.epochs must be > 0, grpo.kl_coef >= 0")
+
+
+ALIGN_VARIANTS = ("ce", "kd", "kd+ce", "ha+ce", "ha")
+
+
+@dataclass
+class AlignConfig:
+    """SIREN stage 2 (siren_batch.train.align): the stage-1 model writes chain-of-thought
+    for train prompts, its hidden states at `<answer>` are cached, and LoRA on k/v of the
+    answer-only student aligns to them (`make train-align`). Batch size, valid sampling,
+    evaluation, early stopping, device and dtype come from `train`."""
+    name: str = "align"               # run name (outputs under <train.out_dir>/<dataset>/<name>/)
+    teacher: str = "grpo"             # a stage-1 run name under <train.out_dir>/<dataset>/ (its merged/ model), or a model folder
+    variant: str = "ha"               # ce | kd | kd+ce | ha+ce | ha (the paper's ablation, one row each)
+    examples: int | None = 512        # train prompts the teacher writes chain-of-thought for
+    keep_within: float = 0.0          # keep rows whose teacher answer is within this of the label (0 = exactly right)
+    max_new_tokens: int = 256         # teacher chain-of-thought length
+    generate_batch: int = 8
+    shard_rows: int = 64              # teacher states per cache shard (a killed run resumes at the next shard)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["k_proj", "v_proj"])
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    epochs: float = 3.0
+    kd_temperature: float = 1.0       # KD: softmax temperature over the rating tokens
+    ce_weight: float = 1.0            # weight of the CE term in kd+ce and ha+ce
+
+    def __post_init__(self) -> None:
+        _require(self.variant in ALIGN_VARIANTS, f"align.variant must be one of {', '.join(ALIGN_VARIANTS)}")
+        _require(self.keep_within >= 0 and self.max_new_tokens > 0 and self.generate_batch > 0
+                 and self.shard_rows > 0, "align.keep_within must be >= 0; align.max_new_tokens, "
+                 "align.generate_batch and align.shard_rows > 0")
+        _require(self.lr > 0 and self.epochs > 0 and self.kd_temperature > 0, "align.lr, align.epochs and "
+                 "align.kd_temperature must be > 0")
+        _require(bool(self.lora_targets), "align.lora_targets needs at least one module")
 
 
 @dataclass
@@ -353,6 +424,8 @@ class Config:
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
     def to_dict(self) -> dict[str, Any]:

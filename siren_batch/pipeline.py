@@ -235,6 +235,8 @@ STAGES: dict[str, Callable[[SparkSession, Config], dict]] = {
     "calibrate": calibrate,
     "train-probe": train_probe,
     "train-sft": train_stages.train_sft,
+    "train-grpo": train_stages.train_grpo,
+    "train-align": train_stages.train_align,
     "export": train_stages.export,
 }
 SKETCH_CHAIN = ["ingest", "embed", "topics", "sketches", "prompts"]

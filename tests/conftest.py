@@ -80,6 +80,25 @@ def tiny_model(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3(tiny_model, tmp_path_factory):
+    """A tiny random Qwen3 (2 layers, hidden 32, q/k norms) with tiny_model's tokenizer:
+    the architecture of the paper's Qwen3-4B at test size (SIREN stages 1 and 2)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-qwen3")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.save_pretrained(folder)
+    torch.manual_seed(1)
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         initializer_range=0.3, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    Qwen3ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 # ---- the sketch chain on real data, once per session (tests/test_pipeline.py, test_cluster.py) ----
 
 def _chain(spark, tmp_path_factory, *overrides):

@@ -39,9 +39,10 @@ logger = logging.getLogger(__name__)
 CONFIGS = [  # (name, method, bf16, pack)
     ("lora fp32 unpacked", "lora", False, False), ("lora bf16 unpacked", "lora", True, False),
     ("lora fp32 packed", "lora", False, True), ("lora bf16 packed", "lora", True, True),
-    ("full bf16 unpacked", "full", True, False), ("full bf16 packed", "full", True, True)]
-# The default set keeps `make bench-train` within ~4 minutes on a busy 2-core machine.
-DEFAULT = ["lora fp32 unpacked", "lora bf16 unpacked", "lora bf16 packed", "full bf16 packed"]
+    ("full bf16 unpacked", "full", True, False), ("full bf16 packed", "full", True, True),
+    ("align ha bf16 packed", "align", True, True)]
+# The default set keeps `make bench-train` within ~5 minutes on a busy 2-core machine.
+DEFAULT = ["lora fp32 unpacked", "lora bf16 unpacked", "lora bf16 packed", "full bf16 packed", "align ha bf16 packed"]
 
 
 def matmul_peak(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
@@ -86,7 +87,11 @@ def step_flops(model, batch, n_examples: int, method: str, lora_r: int) -> float
 def run_config(name: str, method: str, bf16: bool, pack: bool, ids, groups, targets, args, path) -> dict:
     import torch
 
-    cfg = TrainConfig(method=method, batch_size=args.batch_size, max_seq_len=4096, lr=1e-4)
+    from siren_batch.train.align import align_losses
+
+    align = method == "align"    # SIREN stage 2: LoRA on k/v, HA loss against cached teacher states
+    cfg = TrainConfig(method="lora" if align else method, batch_size=args.batch_size, max_seq_len=4096, lr=1e-4,
+                      **({"lora_targets": ["k_proj", "v_proj"]} if align else {}))
     device = M.pick_device("auto")
     model = M.build_model(cfg, path, device)
     params = list(M.trainable_params(model).values())
@@ -97,10 +102,18 @@ def run_config(name: str, method: str, bf16: bool, pack: bool, ids, groups, targ
     batches = [batching.collate([units[u] for u in micro], args.pad_id, device, kind)
                for micro in batching.micro_batches(list(range(len(units))), units, cfg.batch_size)]
 
+    core = M.core_model(model).config
+    teacher = torch.randn(len(ids), core.num_hidden_layers, core.hidden_size)   # stands in for the cache
+
     def step(batch):
-        with M.autocast(device, bf16):
-            logits = M.rating_logits(model, batch, args.rating_ids)
-        objective.losses(logits, targets[batch.rows], "ce").mean().backward()
+        if align:
+            with M.autocast(device, bf16):
+                states, logits = M.answer_states(model, batch, args.rating_ids)
+            align_losses("ha", states, logits, teacher[batch.rows].to(device), None, None).mean().backward()
+        else:
+            with M.autocast(device, bf16):
+                logits = M.rating_logits(model, batch, args.rating_ids)
+            objective.losses(logits, targets[batch.rows], "ce").mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -112,7 +125,7 @@ def run_config(name: str, method: str, bf16: bool, pack: bool, ids, groups, targ
     timed = batches[:args.steps]
     seconds = [_timed(lambda b=b: step(b)) for b in timed]
     examples = sum(len(b.rows) for b in timed)
-    flops = sum(step_flops(model, b, len(b.rows), method, cfg.lora_r) for b in timed)
+    flops = sum(step_flops(model, b, len(b.rows), cfg.method, cfg.lora_r) for b in timed)
     # This process runs only this configuration (run_isolated), so its peak RSS is the config's.
     peak_mem = (torch.cuda.max_memory_allocated() if device == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
@@ -180,7 +193,9 @@ RATIOS = [  # (label, numerator config, denominator config), in examples/s
     ("packed vs unpacked, full bf16", "full bf16 packed", "full bf16 unpacked"),
     ("bf16 vs fp32, LoRA unpacked", "lora bf16 unpacked", "lora fp32 unpacked"),
     ("bf16 vs fp32, LoRA packed", "lora bf16 packed", "lora fp32 packed"),
-    ("LoRA vs full, bf16 packed", "lora bf16 packed", "full bf16 packed")]
+    ("LoRA vs full, bf16 packed", "lora bf16 packed", "full bf16 packed"),
+    ("stage-2 alignment (HA, k/v LoRA) vs answer-only SFT (LoRA q/k/v/o), bf16 packed", "align ha bf16 packed",
+     "lora bf16 packed")]
 
 
 def ratios(rows: list[dict]) -> dict[str, float]:

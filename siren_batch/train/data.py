@@ -63,17 +63,23 @@ def with_base(pairs: DataFrame, interactions: DataFrame, split: str, cfg: Config
 
 
 def training_frame(examples: DataFrame, items: DataFrame, interactions: DataFrame, cfg: Config,
-                   split: str) -> DataFrame:
-    """Sampled prompts of `split` with label and base (ROW_COLUMNS), one row per example."""
+                   split: str, mode: str = "answer_only", limit: int | None | str = "train",
+                   picked: DataFrame | None = None) -> DataFrame:
+    """Sampled prompts of `split` with label and base (ROW_COLUMNS), one row per example.
+    mode: answer_only (scoring's prompts) or cot (they end at the generation prompt);
+    limit: the sample size ("train": train.max_examples / train.valid_examples);
+    picked: the sample, when the caller drew it already."""
     from siren_batch.prompts import build_prompts
 
     if split not in ("train", "valid"):
         raise ValueError(f"training reads the train and valid splits only, not {split!r}: "
                          "test stays unseen until the trained model is scored")
-    limit = cfg.train.max_examples if split == "train" else cfg.train.valid_examples
-    picked = sample_groups(examples.where(F.col("split") == split), limit, cfg.train.seed)
+    if limit == "train":
+        limit = cfg.train.max_examples if split == "train" else cfg.train.valid_examples
+    if picked is None:
+        picked = sample_groups(examples.where(F.col("split") == split), limit, cfg.train.seed)
     prompt_cfg = dataclasses.replace(cfg.prompts, tokenizer=cfg.train.base_model, splits=[split],
-                                     variants=[cfg.train.variant], modes=["answer_only"])
+                                     variants=[cfg.train.variant], modes=[mode])
     history = interactions if cfg.train.variant == "raw" else None
     prompts = build_prompts(picked, items, prompt_cfg, cfg.sketches.theta, history)
     base = with_base(picked, interactions, split, cfg)
@@ -96,4 +102,38 @@ def training_rows(spark: SparkSession, cfg: Config, split: str):
     logger.info("%s rows for training: %d (limit %s), mean base %.3f", split, len(rows),
                 cfg.train.max_examples if split == "train" else cfg.train.valid_examples,
                 rows["base"].mean() if len(rows) else float("nan"))
+    return rows
+
+
+def evidence(picked: DataFrame, items: DataFrame, item_topics: DataFrame, topics: DataFrame) -> DataFrame:
+    """(user_id, item_id, evidence): the JSON that cot.rationale cites: the candidate's
+    text and topic name, the liked and disliked topics with their means, the recent
+    ratings and the as-of priors of each example sketch."""
+    names = item_topics.join(topics.select("topic_id", F.col("name").alias("candidate_topic")), "topic_id")
+    text = F.when(F.col("genres").isNotNull(), F.concat_ws(", ", "title", "genres")).otherwise(F.col("title"))
+    cand = items.select("item_id", text.alias("candidate")).join(names.select("item_id", "candidate_topic"),
+                                                                 "item_id", "left")
+    topic = lambda t: F.struct(t["name"].alias("name"), t["mean"].alias("mean"))   # noqa: E731
+    body = F.struct("candidate", "candidate_topic", F.transform("liked", topic).alias("liked"),
+                    F.transform("disliked", topic).alias("disliked"),
+                    F.transform("recent", lambda r: r["rating"]).alias("recent"),
+                    "user_mean", "item_mean", "item_count")
+    return picked.join(cand, "item_id", "left").select("user_id", "item_id", F.to_json(body).alias("evidence"))
+
+
+def cot_rows(spark: SparkSession, cfg: Config, split: str, limit: int | None):
+    """pandas (ROW_COLUMNS + evidence) of `split` with chain-of-thought prompts (the
+    answer-only prompt is prompt + prompts.ANSWER_ONLY_SUFFIX), a seeded sample of
+    `limit` rows, sorted by user_id, item_id. For stage 1 (GRPO) and stage 2 (align)."""
+    examples = read_table(spark, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)
+    items = read_table(spark, cfg, "items", schemas.ITEMS)
+    interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+    picked = sample_groups(examples.where(F.col("split") == split), limit, cfg.train.seed).cache()
+    frame = training_frame(examples, items, interactions, cfg, split, mode="cot", picked=picked)
+    ev = evidence(picked, items, read_table(spark, cfg, "item_topics", schemas.ITEM_TOPICS),
+                  read_table(spark, cfg, "topics", schemas.TOPICS))
+    rows = frame.join(ev, ["user_id", "item_id"], "left").toPandas()
+    picked.unpersist()
+    rows = rows.sort_values(["user_id", "item_id"], kind="stable").reset_index(drop=True)
+    logger.info("%s chain-of-thought rows: %d (limit %s)", split, len(rows), limit)
     return rows

@@ -58,7 +58,7 @@ class SFTRun:
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = len(self.order)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total))
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.schedule))
         self.info = {**meta, "base_model": self.path, "device": self.device,
                      "autocast": "bfloat16" if self.bf16 else "off (float32)",
                      "train_rows": len(self.train_enc.ids), "valid_rows": len(self.valid_enc.ids),
@@ -113,9 +113,7 @@ class SFTRun:
         total = 0.0
         for batch_units in micro:
             batch = self._batch([self.units[u] for u in batch_units])
-            with M.autocast(self.device, self.bf16):
-                logits = M.rating_logits(self.model, batch, self.rating_ids)
-            losses = objective.losses(logits, self.train_enc.targets[batch.rows], self.cfg.loss)
+            losses = self._losses(batch)
             (losses.sum() / n).backward()
             total += float(losses.detach().sum())
         if self.cfg.max_grad_norm > 0:
@@ -127,6 +125,12 @@ class SFTRun:
         self.state["examples_seen"] += n
         self.state["losses"].append([self.state["step"], round(total / n, 6)])
         return total / n
+
+    def _losses(self, batch: batching.Batch):
+        """Per-example training losses [n] of a batch (batch.rows order)."""
+        with M.autocast(self.device, self.bf16):
+            logits = M.rating_logits(self.model, batch, self.rating_ids)
+        return objective.losses(logits, self.train_enc.targets[batch.rows], self.cfg.loss)
 
     def _batch(self, units: list[batching.Unit]) -> batching.Batch:
         return batching.collate(units, self.pad_id, self.device, self.mask_kind or "bool")

@@ -107,6 +107,20 @@ def rating_logits(model, batch, rating_ids: list[int]):
     return core.get_output_embeddings()(picked)[:, rating_ids]
 
 
+def answer_states(model, batch, rating_ids: list[int]):
+    """(states [n, L, H], rating logits [n, 5]) at each example's answer position: the
+    output of every decoder layer (l = 1..L; the last one after the final norm, as
+    transformers returns it) and the logits over the rating scale. Stage 2's teacher
+    and student both read here, so their states are taken the same way."""
+    import torch
+
+    core = core_model(model)
+    out = core.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids, use_cache=False, output_hidden_states=True)
+    states = torch.stack([h[batch.gather_row, batch.gather_col] for h in out.hidden_states[1:]], dim=1)
+    return states, core.get_output_embeddings()(states[:, -1])[:, rating_ids]
+
+
 def save_model(model, tokenizer, folder: Path, method: str) -> None:
     """LoRA: the adapter only (peft format, `score.adapter=<folder>`); full: a plain HF
     folder with the tokenizer (`score.model=<folder>`)."""

@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +48,7 @@ class Encoded:
     targets: np.ndarray        # what E[r] is trained towards (objective.model_targets)
     groups: list[str]          # user ids: packing stays within a user
     skipped: int               # rows longer than max_seq_len
+    kept: list[int] = field(default_factory=list)   # each encoded row's position in the input rows
 
 
 def encode(rows, tokenizer, cfg: TrainConfig) -> Encoded:
@@ -60,7 +61,7 @@ def encode(rows, tokenizer, cfg: TrainConfig) -> Encoded:
     if cfg.target == "residual" and np.isnan(bases).any():
         raise ValueError("train.target=residual needs a `base` (bias prediction) for every row")
     return Encoded([ids[i] for i in keep], labels, bases, objective.model_targets(labels, bases, cfg.target),
-                   [str(u) for u in rows["user_id"].to_numpy()[keep]], len(ids) - len(keep))
+                   [str(u) for u in rows["user_id"].to_numpy()[keep]], len(ids) - len(keep), keep)
 
 
 def build_units(enc: Encoded, cfg: TrainConfig, pack: bool) -> list[batching.Unit]:
@@ -85,14 +86,18 @@ def make_order(units: list[batching.Unit], cfg: TrainConfig) -> list[list[list[i
     return [micro[s:s + cfg.grad_accum] for s in range(0, len(micro), cfg.grad_accum)]
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total`.
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "linear") -> float:
+    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total` (or constant).
 
     >>> [round(lr_factor(s, 2, 6), 2) for s in range(6)]
     [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    >>> [round(lr_factor(s, 2, 6, "constant"), 2) for s in range(4)]
+    [0.5, 1.0, 1.0, 1.0]
     """
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     return max(0.0, (total - step) / max(1, total - warmup))
 
 

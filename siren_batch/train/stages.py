@@ -1,6 +1,8 @@
 """The training stages, `(spark, cfg) -> dict` like every stage in siren_batch.pipeline.
 
     siren-batch train-sft [key=value ...]   # make train-sft
+    siren-batch train-grpo [key=value ...]  # make train-grpo   (SIREN stage 1)
+    siren-batch train-align [key=value ...] # make train-align  (SIREN stage 2)
     siren-batch export [key=value ...]      # make export
     # after scoring the export and `siren-batch evaluate evaluate.system=sft:<name>`:
     siren-batch export evaluate.system=sft:<name>   # the model card gains the test metrics
@@ -12,6 +14,7 @@ config.yaml (the resolved config of the run) and train_config.yaml.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -81,3 +84,105 @@ def export(spark: SparkSession, cfg: Config) -> dict:
         folder = export_model(run_dir(cfg))
         rec.output_rows = 1
     return {"export": str(folder), "score_with": f"score.model={folder}", "card": str(folder / "README.md")}
+
+
+def _with_train(cfg: Config, **changes) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
+def grpo_rows(spark: SparkSession, cfg: Config):
+    """(warm-up rows, GRPO rows): one seeded sample of the train split's chain-of-thought
+    rows, shuffled with train.seed and cut in two, so GRPO never sees a prompt whose
+    answer the warm-up taught."""
+    from siren_batch.train.data import cot_rows
+
+    g = cfg.grpo
+    limit = None if g.examples is None else g.warmup_examples + g.examples
+    rows = cot_rows(spark, cfg, "train", limit).sample(frac=1.0, random_state=cfg.train.seed)
+    return rows.iloc[:g.warmup_examples].reset_index(drop=True), rows.iloc[g.warmup_examples:].reset_index(drop=True)
+
+
+def train_grpo(spark: SparkSession, cfg: Config) -> dict:
+    """SIREN stage 1 (siren_batch.train.grpo) on the train split's chain-of-thought prompts."""
+    from siren_batch.train import cot, grpo
+    from siren_batch.train.data import cot_rows
+
+    out = Path(cfg.train.out_dir) / cfg.dataset / cfg.grpo.name
+    with run_record(spark, cfg, "train-grpo") as rec:
+        warm, rows = grpo_rows(spark, cfg)
+        rec.input_rows = len(warm) + len(rows)
+        teacher_texts = None
+        if cfg.grpo.warmup_teacher and len(warm):
+            teacher_texts = _teacher_rationales(spark, cfg, warm, cot_rows, cot)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        summary = grpo.train(warm, rows, cfg.grpo, cfg.train, out, teacher_completions=teacher_texts,
+                             meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.grpo.name})
+        rec.output_rows = summary["examples_seen"]
+    last = summary["curve"][-1] if summary["curve"] else {}
+    return {"run_dir": str(out), "status": summary["status"], "steps": summary["steps_done"],
+            "warmup": summary["warmup"], "grpo_prompts": summary["grpo_prompts"],
+            "last_reward_mean": last.get("reward_mean"), "last_parseable": last.get("parseable"),
+            "next": f"siren-batch export train.name={cfg.grpo.name}   # then make train-align"}
+
+
+def _teacher_rationales(spark, cfg: Config, warm, cot_rows, cot) -> list[str]:
+    """grpo.warmup_teacher's greedy chains of thought for the warm-up rows, on prompts
+    rendered with the teacher's own chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from siren_batch.assets import resolve_llm
+    from siren_batch.train import model as M
+
+    path = resolve_llm(cfg.grpo.warmup_teacher)
+    theirs = cot_rows(spark, _with_train(cfg, base_model=path), "train", None)
+    prompts = warm[["user_id", "item_id"]].merge(theirs[["user_id", "item_id", "prompt"]], how="left")["prompt"]
+    device = M.pick_device(cfg.train.device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return cot.generate(model, AutoTokenizer.from_pretrained(path), list(prompts), cfg.grpo.max_completion_tokens,
+                        cfg.align.generate_batch, device=device)
+
+
+def align_teacher(cfg: Config) -> str:
+    """align.teacher: a folder, or a stage-1 run name (its export/, made by `siren-batch export`)."""
+    named = Path(cfg.train.out_dir) / cfg.dataset / cfg.align.teacher
+    if (named / "training_meta.json").exists():
+        if not (named / "export").exists():
+            raise FileNotFoundError(f"stage-1 run {named} has no export/: run `siren-batch export "
+                                    f"train.name={cfg.align.teacher}` first")
+        return str(named / "export")
+    return cfg.align.teacher
+
+
+def student_config(cfg: Config) -> Config:
+    """cfg with `train` set for the stage-2 student: the teacher as base model, LoRA on
+    align.lora_targets, align's lr / warm-up / epochs, constant schedule, every kept row."""
+    a = cfg.align
+    return _with_train(cfg, base_model=align_teacher(cfg), name=a.name, method="lora", lora_r=a.lora_r,
+                       lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, lora_targets=list(a.lora_targets),
+                       lr=a.lr, warmup_steps=a.warmup_steps, epochs=a.epochs, schedule="constant",
+                       max_examples=None, target="rating", loss="ce")
+
+
+def train_align(spark: SparkSession, cfg: Config) -> dict:
+    """SIREN stage 2 (siren_batch.train.align): teacher chain of thought on train prompts,
+    then the k/v LoRA student on answer-only prompts, selected on valid."""
+    from siren_batch.train import align
+    from siren_batch.train.data import cot_rows, training_rows
+
+    student = student_config(cfg)
+    out = run_dir(student)
+    with run_record(spark, cfg, "train-align") as rec:
+        rows = cot_rows(spark, student, "train", cfg.align.examples)
+        valid = training_rows(spark, student, "valid")
+        rec.input_rows = len(rows) + len(valid)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(student, out / "config.yaml")
+        summary = align.train(rows, valid, cfg.align, student.train, out,
+                              meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.align.name})
+        rec.output_rows = summary["examples_seen"]
+    return {"run_dir": str(out), "variant": cfg.align.variant, "teacher": student.train.base_model,
+            "teacher_counts": summary.get("teacher_counts"), "best": summary["best"], "status": summary["status"],
+            "steps": summary["steps_done"], "adapter": str(out / "best"),
+            "score_with": f"score.model={student.train.base_model} score.adapter={out / 'best'}"}
