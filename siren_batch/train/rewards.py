@@ -17,23 +17,9 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from siren_batch.backends.base import parse_answer   # the scorer's own CoT parser: last <answer>, clipped
+
 FORMAT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
-NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
-
-
-def parse_answer(text: str) -> float | None:
-    """The number inside the last <answer>...</answer>, or None.
-
-    >>> parse_answer("<think>likes drama</think>\\n<answer>4</answer>")
-    4.0
-    >>> parse_answer("<answer> 3.5 stars</answer>"), parse_answer("<answer>five</answer>"), parse_answer("4")
-    (3.5, None, None)
-    """
-    answers = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
-    if not answers:
-        return None
-    number = NUMBER.search(answers[-1])
-    return float(number.group()) if number else None
 
 
 def format_reward(text: str) -> float:
@@ -58,11 +44,10 @@ def rating_reward(text: str, label: float, low: float = 1.0, high: float = 5.0) 
     >>> rating_reward("<answer>3</answer>", 4.0), rating_reward("no answer", 4.0)
     (1.0, -2.0)
     """
-    answer = parse_answer(text)
+    answer = parse_answer(text, low, high)
     if answer is None:
         return -2.0
-    clipped = min(max(answer, low), high)
-    return 2.0 - 4.0 * abs(clipped - float(label)) / (high - low)
+    return 2.0 - 4.0 * abs(answer - float(label)) / (high - low)
 
 
 def reward(text: str, label: float, low: float = 1.0, high: float = 5.0) -> float:
