@@ -355,6 +355,13 @@ def test_cot_rows_carry_the_sketch_evidence_and_grpo_rows_do_not_overlap(spark, 
     assert len(warm) == 4 and 1 <= len(grpo) <= 6
     assert not set(zip(warm["user_id"], warm["item_id"])) & set(zip(grpo["user_id"], grpo["item_id"]))
 
+    # a configured teacher writes one completion per warm-up row, in the rows' order
+    from siren_batch.train.stages import _teacher_rationales
+
+    cfg.grpo = dataclasses.replace(cfg.grpo, warmup_teacher=str(tiny_qwen3), max_completion_tokens=3)
+    texts = _teacher_rationales(spark, cfg, warm)
+    assert len(texts) == len(warm) and all(isinstance(t, str) for t in texts)
+
 
 def test_stage_two_student_config_and_a_missing_export_say_what_to_do(cfg, tmp_path):
     import dataclasses

@@ -104,8 +104,7 @@ def grpo_rows(spark: SparkSession, cfg: Config):
 
 def train_grpo(spark: SparkSession, cfg: Config) -> dict:
     """SIREN stage 1 (siren_batch.train.grpo) on the train split's chain-of-thought prompts."""
-    from siren_batch.train import cot, grpo
-    from siren_batch.train.data import cot_rows
+    from siren_batch.train import grpo
 
     out = Path(cfg.train.out_dir) / cfg.dataset / cfg.grpo.name
     with run_record(spark, cfg, "train-grpo") as rec:
@@ -113,7 +112,7 @@ def train_grpo(spark: SparkSession, cfg: Config) -> dict:
         rec.input_rows = len(warm) + len(rows)
         teacher_texts = None
         if cfg.grpo.warmup_teacher and len(warm):
-            teacher_texts = _teacher_rationales(spark, cfg, warm, cot_rows, cot)
+            teacher_texts = _teacher_rationales(spark, cfg, warm)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         summary = grpo.train(warm, rows, cfg.grpo, cfg.train, out, teacher_completions=teacher_texts,
@@ -126,14 +125,15 @@ def train_grpo(spark: SparkSession, cfg: Config) -> dict:
             "next": f"siren-batch export train.name={cfg.grpo.name}   # then make train-align"}
 
 
-def _teacher_rationales(spark, cfg: Config, warm, cot_rows, cot) -> list[str]:
+def _teacher_rationales(spark: SparkSession, cfg: Config, warm) -> list[str]:
     """grpo.warmup_teacher's greedy chains of thought for the warm-up rows, on prompts
     rendered with the teacher's own chat template."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from siren_batch.assets import resolve_llm
-    from siren_batch.train import model as M
+    from siren_batch.train import cot, model as M
+    from siren_batch.train.data import cot_rows
 
     path = resolve_llm(cfg.grpo.warmup_teacher)
     theirs = cot_rows(spark, _with_train(cfg, base_model=path), "train", None)
