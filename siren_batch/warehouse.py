@@ -9,12 +9,20 @@ which is renamed into place only after the write succeeded, so a reader never
 sees a half-written table or partition. The resolved config of the run that
 wrote a table lies beside its data as `_config.yaml` (the leading underscore
 keeps Parquet readers from treating it as data).
+
+Fault injection, for tests only: with `SIREN_KILL_BEFORE_RENAME=<n>` in its
+environment, a process sends itself SIGKILL just before its n-th `move_path`
+(every commit step: a table, partition or score chunk moved into place, or an
+old copy moved aside), so a test can kill the driver at a chosen point in the
+middle of a stage's writes (tests/test_driver_kill.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import signal
 import time
 import uuid
 from contextlib import contextmanager
@@ -58,8 +66,16 @@ def list_dir(spark: SparkSession, path: str) -> list[str]:
     return sorted(status.getPath().getName() for status in fs.listStatus(hpath))
 
 
+_renames = 0   # move_path calls so far in this process (SIREN_KILL_BEFORE_RENAME counts them)
+
+
 def move_path(spark: SparkSession, src: str, dst: str) -> None:
     """Rename src to dst (creating dst's parent); atomic on HDFS and local disks."""
+    global _renames
+    _renames += 1
+    if os.environ.get("SIREN_KILL_BEFORE_RENAME") == str(_renames):   # the fault hook (module docstring)
+        logger.warning("SIREN_KILL_BEFORE_RENAME=%d: killing this driver before moving %s", _renames, src)
+        os.kill(os.getpid(), signal.SIGKILL)
     fs, hsrc = _fs_path(spark, src)
     _, hdst = _fs_path(spark, dst)
     parent = hdst.getParent()
@@ -154,10 +170,12 @@ def append_table(df: DataFrame, cfg: Config, table: str, schema: T.StructType) -
 
 def _swap(spark: SparkSession, src: str, dst: str) -> None:
     """Move src to dst, replacing dst; the old copy is moved aside first and
-    deleted last, so dst is never half-written."""
+    deleted last, so dst is never half-written. Aside means into the staging area
+    beside src: a driver killed in between must not leave it beside dst, where
+    `ratings/run_date=D.old-x` would read as one more partition of the table."""
     trash = None
     if path_exists(spark, dst):
-        trash = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+        trash = f"{src}.old-{uuid.uuid4().hex[:8]}"
         move_path(spark, dst, trash)
     move_path(spark, src, dst)
     if trash:
