@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any, Callable, Iterator
 
 from pyspark.sql import Column, DataFrame
@@ -42,6 +43,7 @@ from pyspark.sql import functions as F, types as T
 
 from siren_batch import assets, model_cache, schemas
 from siren_batch.config import PromptsConfig
+from siren_batch.timers import StageTimers
 
 logger = logging.getLogger(__name__)
 
@@ -166,48 +168,65 @@ def _with_history(frame: DataFrame, history: DataFrame, items: DataFrame, keep_l
     return frame.withColumn("_history", before).drop("_all")
 
 
-def _make_render_fn(tokenizer_path: str, variants: list[str], modes: list[str],
-                    theta: float, priors: bool) -> Callable[[Iterator], Iterator]:
-    def render(batches):
+def _make_render_fn(tokenizer_path: str, variants: list[str], modes: list[str], theta: float, priors: bool,
+                    timers: StageTimers | None = None, count_tokens: bool = True
+                    ) -> Callable[[Iterator], Iterator]:
+    timers = timers or StageTimers()
+    columns = _prompt_schema(count_tokens).names
+
+    def render_batch(tokenizer, pdf):
         import pandas as pd
 
+        start = time.perf_counter()
+        unknown = pdf[pdf["_cand_title"].isna()]
+        if len(unknown):
+            pairs = ", ".join(f"({u}, {i})" for u, i in zip(unknown["user_id"][:5], unknown["item_id"][:5]))
+            raise ValueError(f"{len(unknown)} pair(s) name a candidate item missing from the items "
+                             f"table, e.g. (user_id, item_id) {pairs}: drop or fix them before build_prompts")
+        out = {name: [] for name in columns}
+        for rec in pdf.to_dict("records"):
+            sketch = {"liked": rec["liked"], "disliked": rec["disliked"], "recent": rec["recent"],
+                      "history": rec["_history"], "n_history": rec["n_history"],
+                      "user_mean": rec["user_mean"]}
+            candidate = {"title": rec["_cand_title"], "genres": rec["_cand_genres"],
+                         "item_count": rec["item_count"], "item_mean": rec["item_mean"]}
+            label = None if pd.isna(rec["label"]) else float(rec["label"])
+            for variant in variants:
+                cot = render_prompt(tokenizer, sketch, candidate, variant, "cot", theta, priors)
+                for mode in modes:
+                    out["prompt"].append(cot + ANSWER_ONLY_SUFFIX if mode == "answer_only" else cot)
+                    for key, value in (("user_id", rec["user_id"]), ("item_id", rec["item_id"]),
+                                       ("split", rec["split"]), ("label", label),
+                                       ("variant", variant), ("mode", mode)):
+                        out[key].append(value)
+        rendered = time.perf_counter()
+        timers.add("render", rendered - start)
+        if not count_tokens:
+            return pd.DataFrame(out, columns=columns)
+        ids = tokenizer(out["prompt"], add_special_tokens=False)["input_ids"] if out["prompt"] else []
+        out["prompt_tokens"] = [len(x) for x in ids]
+        timers.add("render_tokenize", time.perf_counter() - rendered)
+        return pd.DataFrame(out, columns=columns).astype({"prompt_tokens": "int32"})
+
+    def render(batches):
         tokenizer = model_cache.get_or_load(f"tokenizer:{tokenizer_path}",
                                             lambda: load_tokenizer(tokenizer_path))
-        for pdf in batches:
-            unknown = pdf[pdf["_cand_title"].isna()]
-            if len(unknown):
-                pairs = ", ".join(f"({u}, {i})" for u, i in zip(unknown["user_id"][:5], unknown["item_id"][:5]))
-                raise ValueError(f"{len(unknown)} pair(s) name a candidate item missing from the items "
-                                 f"table, e.g. (user_id, item_id) {pairs}: drop or fix them before build_prompts")
-            out = {name: [] for name in schemas.PROMPTS.names}
-            for rec in pdf.to_dict("records"):
-                sketch = {"liked": rec["liked"], "disliked": rec["disliked"], "recent": rec["recent"],
-                          "history": rec["_history"], "n_history": rec["n_history"],
-                          "user_mean": rec["user_mean"]}
-                candidate = {"title": rec["_cand_title"], "genres": rec["_cand_genres"],
-                             "item_count": rec["item_count"], "item_mean": rec["item_mean"]}
-                label = None if pd.isna(rec["label"]) else float(rec["label"])
-                for variant in variants:
-                    cot = render_prompt(tokenizer, sketch, candidate, variant, "cot", theta, priors)
-                    for mode in modes:
-                        out["prompt"].append(cot + ANSWER_ONLY_SUFFIX if mode == "answer_only" else cot)
-                        for key, value in (("user_id", rec["user_id"]), ("item_id", rec["item_id"]),
-                                           ("split", rec["split"]), ("label", label),
-                                           ("variant", variant), ("mode", mode)):
-                            out[key].append(value)
-            ids = tokenizer(out["prompt"], add_special_tokens=False)["input_ids"] if out["prompt"] else []
-            out["prompt_tokens"] = [len(x) for x in ids]
-            yield pd.DataFrame(out, columns=schemas.PROMPTS.names).astype({"prompt_tokens": "int32"})
+        yield from timers.map_batches(batches, lambda pdf: render_batch(tokenizer, pdf),
+                                      read="render_input", write="render_output")
     return render
 
 
 def build_prompts(pairs: DataFrame, items: DataFrame, cfg: PromptsConfig, theta: float,
-                  history: DataFrame | None = None) -> DataFrame:
+                  history: DataFrame | None = None, timers: StageTimers | None = None,
+                  count_tokens: bool = True) -> DataFrame:
     """One prompt per pair x cfg.variants x cfg.modes (schemas.PROMPTS), one
     user's rows adjacent. pairs: user_id, item_id, split, label (may be absent =
     null), liked, disliked, recent, and ts for example pairs (it bounds the raw
     history); history (interactions) is needed for the raw variant only. Filtering
-    pairs to cfg.splits is the caller's job. Unknown candidate items fail the job."""
+    pairs to cfg.splits is the caller's job. Unknown candidate items fail the job.
+    `timers` (siren_batch.timers) collects the rendering's seconds by phase.
+    count_tokens=False leaves out prompt_tokens, and with it a second tokenizing of every
+    prompt, for a caller whose model tokenizes (and counts) them anyway (the score stage)."""
     if "raw" in cfg.variants and history is None:
         raise ValueError("prompts.variants includes raw: pass the interactions frame as `history`")
     frame = pairs if "label" in pairs.columns else pairs.withColumn("label", F.lit(None).cast("double"))
@@ -228,5 +247,9 @@ def build_prompts(pairs: DataFrame, items: DataFrame, cfg: PromptsConfig, theta:
              .repartition("user_id").sortWithinPartitions("user_id", "item_id"))
     # Resolved on the driver so a missing model folder fails before any task starts.
     render = _make_render_fn(assets.resolve_llm(cfg.tokenizer), list(cfg.variants), list(cfg.modes), theta,
-                             cfg.priors)
-    return frame.mapInPandas(render, schemas.PROMPTS)
+                             cfg.priors, timers, count_tokens)
+    return frame.mapInPandas(render, _prompt_schema(count_tokens))
+
+
+def _prompt_schema(count_tokens: bool) -> T.StructType:
+    return schemas.PROMPTS if count_tokens else T.StructType([f for f in schemas.PROMPTS if f.name != "prompt_tokens"])

@@ -27,6 +27,7 @@ from pyspark.sql import functions as F
 from siren_batch import schemas
 from siren_batch.config import Config
 from siren_batch.console import Progress
+from siren_batch.timers import StageTimers
 from siren_batch.warehouse import (delete_path, list_dir, move_path, path_exists, read_table,
                                    read_text, run_record, write_table, write_text)
 
@@ -72,13 +73,15 @@ def candidate_pairs(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFr
     return pairs, history
 
 
-def _prompts_for(pairs: DataFrame, history: DataFrame, cfg: Config, spark: SparkSession) -> DataFrame:
+def _prompts_for(pairs: DataFrame, history: DataFrame, cfg: Config, spark: SparkSession,
+                 timers: StageTimers | None = None) -> DataFrame:
     from siren_batch.prompts import build_prompts
 
     prompt_cfg = dataclasses.replace(cfg.prompts, tokenizer=cfg.score.model,
                                      variants=[cfg.score.variant], modes=[cfg.score.mode])
     items = read_table(spark, cfg, "items", schemas.ITEMS)
-    return build_prompts(pairs, items, prompt_cfg, cfg.sketches.theta, history)
+    # The backend tokenizes every prompt and reports prompt_tokens itself: no count here.
+    return build_prompts(pairs, items, prompt_cfg, cfg.sketches.theta, history, timers, count_tokens=False)
 
 
 def _error_rows(pairs: DataFrame) -> DataFrame:
@@ -91,7 +94,8 @@ def _chunked(df: DataFrame, n_chunks: int) -> DataFrame:
 
 
 def score_run(spark: SparkSession, cfg: Config) -> dict:
-    """Score the candidates and replace ratings/run_date=<date>. Resumable."""
+    """Score the candidates and replace ratings/run_date=<date>. Resumable. The summary's
+    `timings` say where the time went (TASK_PHASES, DRIVER_PHASES)."""
     from siren_batch.prompts import prompt_template_hash
     from siren_batch.scoring import score_frame
 
@@ -100,17 +104,19 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
     run_date = cfg.score.run_date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     load_if_present(cfg)  # a calibrator fit for other settings fails here, not after the scoring
     staging = f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}/_staging/ratings-{run_date}"
+    timers = StageTimers(spark, TASK_PHASES)
     with run_record(spark, cfg, "score") as rec:
         rec.reads = ["sketches" if not cfg.score.candidates.startswith("split:") else "example_sketches",
                      "interactions", "items"] + ([] if cfg.score.candidates.startswith("split:") else [cfg.score.candidates])
         rec.writes = ["ratings"]
-        pairs, history = candidate_pairs(spark, cfg)
-        if cfg.score.limit:
-            pairs = pairs.orderBy(F.xxhash64("user_id", "item_id"), "user_id", "item_id").limit(cfg.score.limit)
-        # Unpersisted below: a cached plan outlives the run, and Spark would answer the next
-        # run's identical read of rewritten tables (a later night in one session) from it.
-        pairs = pairs.cache()
-        total = pairs.count()
+        with timers.phase("candidate_join"):
+            pairs, history = candidate_pairs(spark, cfg)
+            if cfg.score.limit:
+                pairs = pairs.orderBy(F.xxhash64("user_id", "item_id"), "user_id", "item_id").limit(cfg.score.limit)
+            # Unpersisted below: a cached plan outlives the run, and Spark would answer the next
+            # run's identical read of rewritten tables (a later night in one session) from it.
+            pairs = pairs.cache()
+            total = pairs.count()
         rec.input_rows = total
         _check_staging(spark, staging, cfg)
         n_chunks = max(1, math.ceil(total / cfg.score.chunk_rows))
@@ -124,21 +130,42 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
                 logger.info("resume: %s already committed, skipping", name)
                 continue
             part = ok_pairs.where(F.col("_chunk") == chunk).drop("_chunk")
-            prompt_rows = _prompts_for(part, history, cfg, spark)
-            scored = score_frame(prompt_rows.select("user_id", "item_id", "prompt", "prompt_tokens"),
-                                 cfg.score)
+            prompt_rows = _prompts_for(part, history, cfg, spark, timers)
+            scored = score_frame(prompt_rows.select("user_id", "item_id", "prompt"), cfg.score, timers)
             tmp = f"{staging}/tmp-{name}"
-            scored.select("user_id", "item_id", *SCORED_COLUMNS).write.mode("overwrite").parquet(tmp)
-            move_path(spark, tmp, f"{staging}/chunks/{name}")
-            progress.update(spark.read.parquet(f"{staging}/chunks/{name}").count())
-        summary = _finish(spark, cfg, staging, bad_pairs, run_date, prompt_template_hash(), rec.run_id)
+            with timers.phase("chunk_jobs"):
+                scored.select("user_id", "item_id", *SCORED_COLUMNS).write.mode("overwrite").parquet(tmp)
+            with timers.phase("chunk_commits"):
+                move_path(spark, tmp, f"{staging}/chunks/{name}")
+                progress.update(spark.read.parquet(f"{staging}/chunks/{name}").count())
+        with timers.phase("finish"):
+            summary = _finish(spark, cfg, staging, bad_pairs, run_date, prompt_template_hash(), rec.run_id)
         pairs.unpersist()
         rec.output_rows, rec.rejected_rows = summary["rows"], summary["errors"]
         if summary["rows"] != total:
             raise RuntimeError(f"ratings rows {summary['rows']} != candidate rows {total}")
     summary["rows_per_s"] = round(summary["rows"] / max(rec.duration_s, 1e-9), 2)
+    summary["timings"] = {"seconds": round(rec.duration_s, 3), "task_slots": _task_slots(spark),
+                          "driver_s": {k: round(v, 3) for k, v in timers.driver.items()},
+                          "task_s": {k: round(v, 3) for k, v in timers.task_seconds().items()}}
     logger.info("score summary: %s", summary)
     return summary
+
+
+# Where the score stage's time goes. Driver phases are wall seconds: the candidate join
+# (pairs + sketches + items + priors, cached and counted), the Spark jobs that render,
+# score and write each chunk, the chunk commits (rename + count) and the finish (the
+# ratings partition swapped in). Task phases are task-seconds inside those chunk jobs:
+# input waits (shuffle read, sort, Arrow -> pandas) and output hand-offs (pandas -> Arrow)
+# of the two Python steps, prompt rendering, the backend's tokenizing and the rest of its
+# call, and the output frame.
+DRIVER_PHASES = ("candidate_join", "chunk_jobs", "chunk_commits", "finish")
+TASK_PHASES = ("render_input", "render", "render_output", "score_input", "backend_tokenize", "backend_forward",
+               "score_results", "score_output")
+
+
+def _task_slots(spark: SparkSession) -> int:
+    return max(1, spark.sparkContext.defaultParallelism // int(spark.conf.get("spark.task.cpus", "1")))
 
 
 # What the committed chunks depend on: a change elsewhere (training, evaluation) keeps them.

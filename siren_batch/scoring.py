@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from pyspark.sql import types as T
@@ -18,6 +19,7 @@ from siren_batch.assets import resolve_llm
 from siren_batch.backends import (SCALE, Backend, ScoreResult, ScoringError, load_backend,
                                   readout_median)
 from siren_batch.config import ScoreConfig
+from siren_batch.timers import StageTimers
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,31 +57,42 @@ def results_to_frame(batch: "pd.DataFrame", results: list[ScoreResult], backend:
     }, columns=list(SCORED_COLUMNS))
 
 
-def make_predict_fn(cfg: ScoreConfig) -> Callable[["pd.DataFrame"], "pd.DataFrame"]:
+def make_predict_fn(cfg: ScoreConfig, timers: StageTimers | None = None
+                    ) -> Callable[["pd.DataFrame"], "pd.DataFrame"]:
     """Loader closure: the backend loads once per Python worker (model_cache), then
-    `predict(batch)` maps (user_id, item_id, prompt) rows to SCORED_COLUMNS."""
+    `predict(batch)` maps (user_id, item_id, prompt) rows to SCORED_COLUMNS. `timers`
+    gets the seconds of the backend's tokenizing (backend_tokenize), the rest of its
+    call (backend_forward) and of building the output frame (score_results)."""
     # Resolved here, on the driver: "default" names a folder beside the repository, which
     # executors running the shipped zip cannot locate (on a cluster it must sit on storage
     # every executor reaches, or be a hub id).
     cfg = dataclasses.replace(cfg, model=resolve_llm(cfg.model))
     key = f"scoring.backend:{cfg!r}"
+    timers = timers or StageTimers()
 
     def predict(batch: "pd.DataFrame") -> "pd.DataFrame":
         backend = model_cache.get_or_load(key, lambda: load_backend(cfg))
         prompts = [p if isinstance(p, str) else "" for p in batch["prompt"]]  # null -> empty_prompt row
+        stats = getattr(backend, "stats", {})
+        encoded, start = stats.get("encode_s", 0.0), time.perf_counter()
         if cfg.mode == "cot":
             results = backend.generate_cot(prompts)
         else:
             results = backend.score(prompts, [str(u) for u in batch["user_id"]])
+        scored, encoded = time.perf_counter(), stats.get("encode_s", 0.0) - encoded
         failed = sum(r.error is not None for r in results)
         if failed:
             logger.warning("%d of %d prompts failed to score in this batch", failed, len(results))
-        return results_to_frame(batch, results, backend)
+        frame = results_to_frame(batch, results, backend)
+        timers.add("backend_tokenize", encoded)
+        timers.add("backend_forward", scored - start - encoded)
+        timers.add("score_results", time.perf_counter() - scored)
+        return frame
 
     return predict
 
 
-def score_frame(prompts: "DataFrame", cfg: ScoreConfig) -> "DataFrame":
+def score_frame(prompts: "DataFrame", cfg: ScoreConfig, timers: StageTimers | None = None) -> "DataFrame":
     """PROMPTS-like frame (user_id, item_id, prompt) -> SCORED rows, one per prompt.
 
     A user's prompts go to one of `score_tasks` partitions, next to each other, so
@@ -87,16 +100,17 @@ def score_frame(prompts: "DataFrame", cfg: ScoreConfig) -> "DataFrame":
     explicit because adaptive execution coalesces a small shuffle (thousands of
     prompts, a few MB) into ONE partition: one task, one core, one GPU busy.
     torch_threads=0 gives each task spark.task.cpus threads, the cores Spark
-    reserves for it, so concurrent tasks do not oversubscribe the CPU.
+    reserves for it, so concurrent tasks do not oversubscribe the CPU. `timers` gets
+    the seconds by phase (make_predict_fn), and the Arrow transfers (score_input, score_output).
     """
     spark = prompts.sparkSession
     if cfg.torch_threads == 0:
         cfg = dataclasses.replace(cfg, torch_threads=int(spark.conf.get("spark.task.cpus", "1")))
-    predict = make_predict_fn(cfg)
+    timers = timers or StageTimers()
+    predict = make_predict_fn(cfg, timers)
 
     def run(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
-        for batch in batches:
-            yield predict(batch)
+        yield from timers.map_batches(batches, predict, read="score_input", write="score_output")
 
     rows = prompts.select("user_id", "item_id", "prompt").repartition(score_tasks(spark, cfg), "user_id")
     if cfg.shared_prefix and cfg.mode == "answer_only":

@@ -146,11 +146,11 @@ def test_score_nightly_candidates_rerun_and_resume(spark, ml100k, tmp_path, monk
     calls = {"n": 0}
     original = scoring.score_frame
 
-    def flaky(frame, score_cfg):
+    def flaky(frame, score_cfg, *timers):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("executor lost")
-        return original(frame, score_cfg)
+        return original(frame, score_cfg, *timers)
 
     monkeypatch.setattr(scoring, "score_frame", flaky)
     with pytest.raises(RuntimeError, match="executor lost"):

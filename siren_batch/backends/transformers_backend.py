@@ -19,6 +19,7 @@ tokens. Three paths give the same numbers (tests/test_scoring.py checks it):
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -98,8 +99,9 @@ class TransformersBackend:
         self.max_positions = max_positions(model.config, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        # Work done so far (benchmarks, tests): forward passes, prefix passes, real and padded tokens.
-        self.stats = {"forward_passes": 0, "prefix_passes": 0, "tokens": 0, "padded_tokens": 0}
+        # Work done so far (benchmarks, tests, stage timers): forward passes, prefix passes, real and
+        # padded tokens, seconds spent tokenizing.
+        self.stats = {"forward_passes": 0, "prefix_passes": 0, "tokens": 0, "padded_tokens": 0, "encode_s": 0.0}
         logger.info("scoring model %s (adapter %s) on %s/%s, max %s positions, rating ids %s",
                     self.model_id, self.adapter_id, self.device, model.dtype, self.max_positions,
                     self.rating_ids)
@@ -108,7 +110,9 @@ class TransformersBackend:
 
     def _encode(self, prompts: list[str], reserve: int = 0) -> tuple[list[list[int]], dict[int, ScoreResult]]:
         """Token ids per prompt, and error results for rows that cannot run."""
+        start = time.perf_counter()
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+        self.stats["encode_s"] += time.perf_counter() - start
         errors: dict[int, ScoreResult] = {}
         for i, (text, row) in enumerate(zip(prompts, ids)):
             if not text.strip() or not row:
