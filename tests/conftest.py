@@ -80,6 +80,18 @@ def tiny_model(tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (no OpenMP waits on a busy machine); the
+    thread count is restored for the tests that follow."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen3(tiny_model, tmp_path_factory):
     """A tiny random Qwen3 (2 layers, hidden 32, q/k norms) with tiny_model's tokenizer:

@@ -19,6 +19,7 @@ from siren_batch.train import model as M
 from siren_batch.train.sft import encode, train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SUFFIX = "\n<think>\n</think>\n<answer>"
 GENRES = {"Drama": 5.0, "Horror": 1.0, "Comedy": 4.0, "Western": 2.0}   # the learnable rule
@@ -38,18 +39,6 @@ def _rows(tok, users: int = 4, per_user: int = 4) -> pd.DataFrame:
             rows.append({"user_id": f"u{u}", "item_id": f"i{k}", "prompt": _prompt(tok, u, f"Film {k}, {genre}"),
                          "label": GENRES[genre], "base": 2.5 + 0.5 * (k % 3)})
     return pd.DataFrame(rows)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (no OpenMP waits on a busy machine); the
-    thread count is restored for the tests that follow."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,9 @@ from siren_batch.train import align, cot, rewards
 from siren_batch.train import model as M
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GENRES = {"Drama": 5.0, "Horror": 1.0, "Comedy": 4.0, "Western": 2.0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
