@@ -1,6 +1,6 @@
 """`make bench-nightly`: an incremental night against a full rebuild on the same data.
 
-    python -m siren_batch.bench_nightly [--source ml-1m] [--new-fraction 0.01] [key=value ...]
+    python -m siren_batch.bench_nightly [--source ml-1m] [--copies 1,3] [--new-fraction 0.01] [key=value ...]
 
 The source's interactions are cut by time: night 1 holds all but the newest
 `--new-fraction` (1%) of them, night 2 the rest, with the items first rated in
@@ -9,12 +9,19 @@ as the target excludes scoring): night 1 (bootstrap), night 2 (incremental) and
 a full rebuild, i.e. a bootstrap night over the same data as night 2 in a fresh
 warehouse; then, for what a night costs without nightly, `sketch-chain` (ingest ..
 prompts) over the same data. Target: night 2 under 10% of a full rebuild.
+
+`--copies 1,3` repeats this at each size: the source replicated with fresh user
+ids (bench_scale.replicate), so item text and rating patterns stay real. A full
+rebuild grows with the data, night 2 with what arrived, and a night's fixed cost
+(Spark jobs, file commits) with neither: the ratio falls as the data grows. The
+load average around night 2 is recorded, as the machine may be shared.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +30,7 @@ import pandas as pd
 
 from siren_batch import nightly, pipeline
 from siren_batch.assets import REPO_ROOT
+from siren_batch.bench_scale import replicate
 from siren_batch.bench_sketch import time_stages
 from siren_batch.config import load_config
 from siren_batch.profiling import write_results
@@ -54,11 +62,17 @@ def cut(interactions: pd.DataFrame, items: pd.DataFrame, fraction: float, out: P
 
 def _night(spark, overrides: list[str], warehouse: Path, run_date: str) -> dict:
     cfg = load_config(overrides=[f"warehouse={warehouse}", *overrides])
+    sc, group = spark.sparkContext, f"bench-nightly:{warehouse}:{run_date}"
+    sc.setJobGroup(group, group)   # to count the night's Spark jobs: a cost that the load does not change
     start = time.perf_counter()
     out = nightly.run_night(spark, cfg, run_date)
+    seconds = round(time.perf_counter() - start, 1)
+    jobs = len(sc.statusTracker().getJobIdsForGroup(group))
+    sc.setLocalProperty("spark.jobGroup.id", None)
     steps = {s: out[s].get("seconds") for s in nightly.STEPS if isinstance(out.get(s), dict)}
-    return {"seconds": round(time.perf_counter() - start, 1), "steps": steps,
-            "users_sketched": out["sketches"]["users_sketched"], "embedded": out["embed"]["embedded"]}
+    return {"seconds": seconds, "spark_jobs": jobs, "steps": steps,
+            "users_sketched": out["sketches"]["users_sketched"], "embedded": out["embed"]["embedded"],
+            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}   # just after: the machine may be shared
 
 
 def _sketch_chain(spark, work: Path, source: str, overrides: list[str]) -> dict:
@@ -73,11 +87,35 @@ def _sketch_chain(spark, work: Path, source: str, overrides: list[str]) -> dict:
             "steps": {name: s["seconds"] for name, s in stages.items()}}
 
 
+def _size(spark, source, copies: int, work: Path, fraction: float, overrides: list[str], chain: bool) -> dict:
+    """One data size: the source's interactions x `copies` (fresh user ids), cut into two
+    nights; night 1, night 2, a full rebuild and (with `chain`) the sketch chain."""
+    inter, items = source.table_path("interactions"), source.table_path("items")
+    if copies > 1:
+        replicate(spark, source, copies, str(work / "input"))
+        inter, items = str(work / "input" / "interactions"), str(work / "input" / "items")
+    sizes = cut(pd.read_parquet(inter), pd.read_parquet(items), fraction, work / "arrivals")
+    common = [f"dataset={source.dataset}-nightly", f"nightly.arrivals={work}/arrivals/{{run_date}}",
+              "nightly.candidates=none", "nightly.report=false", "data.kcore=0", *overrides]
+    night1 = _night(spark, common, work / "wh", NIGHT1)
+    night2 = _night(spark, common, work / "wh", NIGHT2)
+    full_common = [o.replace("{run_date}", "full") if o.startswith("nightly.arrivals=") else o for o in common]
+    full = _night(spark, full_common, work / "wh-full", NIGHT2)
+    out = {"copies": copies, **sizes, "night1_bootstrap": night1, "night2_incremental": night2,
+           "full_rebuild": full, "night2_over_full": round(night2["seconds"] / full["seconds"], 3)}
+    if chain:
+        out["sketch_chain"] = _sketch_chain(spark, work, source.dataset, overrides)
+        out["night2_over_sketch_chain"] = round(night2["seconds"] / out["sketch_chain"]["seconds"], 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="ml-1m", help="dataset read by its configured source")
+    parser.add_argument("--copies", default="1,3", help="data sizes: copies of the source, comma-separated")
     parser.add_argument("--new-fraction", type=float, default=0.01, help="share of interactions new in night 2")
+    parser.add_argument("--no-chain", action="store_true", help="skip timing sketch-chain at each size")
     parser.add_argument("--work", default="bench/tmp/nightly", help="folder for the inputs and warehouses")
     args, overrides = parser.parse_known_args(argv)
     work = Path(args.work) if Path(args.work).is_absolute() else REPO_ROOT / args.work
@@ -85,41 +123,43 @@ def main(argv: list[str] | None = None) -> int:
     source = load_config(overrides=[f"dataset={args.source}", f"warehouse={work}/source", *overrides])
     spark = get_spark(source.spark)
     pipeline.STAGES["ingest"](spark, source)
-    sizes = cut(pd.read_parquet(source.table_path("interactions")), pd.read_parquet(source.table_path("items")),
-                args.new_fraction, work / "arrivals")
-    common = [f"dataset={args.source}-nightly", f"nightly.arrivals={work}/arrivals/{{run_date}}",
-              "nightly.candidates=none", "nightly.report=false", "data.kcore=0", *overrides]
-    night1 = _night(spark, common, work / "wh", NIGHT1)
-    night2 = _night(spark, common, work / "wh", NIGHT2)
-    full_common = [o.replace("{run_date}", "full") if o.startswith("nightly.arrivals=") else o for o in common]
-    full = _night(spark, full_common, work / "wh-full", NIGHT2)
-    chain = _sketch_chain(spark, work, args.source, overrides)
-    ratio = night2["seconds"] / full["seconds"]
-    payload = {"source": args.source, **sizes, "night1_bootstrap": night1, "night2_incremental": night2,
-               "full_rebuild": full, "sketch_chain": chain, "night2_over_full": round(ratio, 3),
-               "night2_over_sketch_chain": round(night2["seconds"] / chain["seconds"], 3), "target": 0.10}
-    path = write_results("bench-nightly", payload, _markdown(payload))
-    logger.info("bench-nightly: night 2 %.1f s vs full rebuild %.1f s (%.1f%%) -> %s", night2["seconds"],
-                full["seconds"], 100 * ratio, path)
+    sizes = {}
+    for copies in [int(c) for c in args.copies.split(",")]:
+        r = sizes[f"x{copies}"] = _size(spark, source, copies, work / f"x{copies}", args.new_fraction, overrides,
+                                        not args.no_chain)
+        payload = {"source": args.source, "new_fraction": args.new_fraction, "target": 0.10, "sizes": sizes}
+        path = write_results("bench-nightly", payload, _markdown(payload))   # after every size
+        logger.info("bench-nightly x%d: night 2 %.1f s vs full rebuild %.1f s (%.1f%%) -> %s", copies,
+                    r["night2_incremental"]["seconds"], r["full_rebuild"]["seconds"], 100 * r["night2_over_full"],
+                    path)
     return 0
 
 
 def _markdown(p: dict) -> str:
-    lines = [f"{p['source']}: {p['interactions']:,} interactions; night 2 adds {p['night2_interactions']:,} "
-             f"({100 * p['night2_interactions'] / p['interactions']:.1f}%) and {p['night2_new_items']} new items. "
-             "Scoring off (the target excludes it).", "",
-             "| run | wall s | " + " | ".join(nightly.STEPS[:4]) + " | users sketched | items embedded |",
-             "|---|---:|" + "---:|" * 6]
-    for name in ("night1_bootstrap", "night2_incremental", "full_rebuild"):
-        r = p[name]
-        lines.append(f"| {name} | {r['seconds']} | " + " | ".join(str(r['steps'].get(s)) for s in nightly.STEPS[:4])
-                     + f" | {r['users_sketched']:,} | {r['embedded']:,} |")
-    c = p["sketch_chain"]
-    lines += ["", f"Without nightly, a night reruns `siren-batch sketch-chain` (ingest .. prompts, example sketches "
-              f"included): {c['seconds']} s (" + ", ".join(f"{k} {v}" for k, v in c["steps"].items()) + ").", "",
-              f"Night 2 / full rebuild of the nightly tables (a bootstrap night on the same data): "
-              f"**{100 * p['night2_over_full']:.1f}%**; night 2 / sketch chain: "
-              f"**{100 * p['night2_over_sketch_chain']:.1f}%** (target under {100 * p['target']:.0f}%)."]
+    steps = nightly.STEPS[:4]
+    lines = [f"{p['source']} replicated with fresh user ids (bench_scale.replicate); night 2 holds the newest "
+             f"{100 * p['new_fraction']:.0f}% of interactions. Scoring off (the target excludes it).", "",
+             "| size | interactions | run | wall s | Spark jobs | " + " | ".join(steps)
+             + " | users sketched | items embedded | load avg (1/5/15 min) after |",
+             "|---|---:|---|---:|---:|" + "---:|" * 7]
+    for size, r in p["sizes"].items():
+        for name in ("night1_bootstrap", "night2_incremental", "full_rebuild"):
+            run = r[name]
+            load = "/".join(str(x) for x in run.get("load_average_1_5_15", []))
+            lines.append(f"| {size} | {r['interactions']:,} | {name} | {run['seconds']} | {run['spark_jobs']} | "
+                         + " | ".join(str(run["steps"].get(s)) for s in steps)
+                         + f" | {run['users_sketched']:,} | {run['embedded']:,} | {load} |")
+    lines.append("")
+    for size, r in p["sizes"].items():
+        line = (f"- {size}: night 2 adds {r['night2_interactions']:,} interactions and {r['night2_new_items']} new "
+                f"items; night 2 / full rebuild of the nightly tables (a bootstrap night on the same data): "
+                f"**{100 * r['night2_over_full']:.1f}%**")
+        if "sketch_chain" in r:
+            c = r["sketch_chain"]
+            line += (f"; night 2 / `siren-batch sketch-chain` (what a night costs without nightly, ingest .. prompts: "
+                     f"{c['seconds']} s): **{100 * r['night2_over_sketch_chain']:.1f}%**")
+        lines.append(line + ".")
+    lines += ["", f"Target: night 2 under {100 * p['target']:.0f}% of a full rebuild."]
     return "\n".join(lines)
 
 

@@ -47,6 +47,27 @@ def _fs_path(spark: SparkSession, path: str):
     return fs, hpath
 
 
+def parquet_rows(spark: SparkSession, path: str) -> int:
+    """Rows in the Parquet files under `path` (any depth), summed from their footers in
+    the driver: no Spark job, which on a small table costs more than the reading."""
+    fs, hpath = _fs_path(spark, path)
+    jvm = spark.sparkContext._jvm
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    files, rows = fs.listFiles(hpath, True), 0
+    while files.hasNext():
+        status = files.next()
+        name = status.getPath().getName()
+        if name.startswith(("_", ".")) or not name.endswith(".parquet"):
+            continue
+        reader = jvm.org.apache.parquet.hadoop.ParquetFileReader.open(
+            jvm.org.apache.parquet.hadoop.util.HadoopInputFile.fromStatus(status, conf))
+        try:
+            rows += reader.getRecordCount()
+        finally:
+            reader.close()
+    return int(rows)
+
+
 def path_exists(spark: SparkSession, path: str) -> bool:
     fs, hpath = _fs_path(spark, path)
     return bool(fs.exists(hpath))
@@ -86,12 +107,19 @@ def move_path(spark: SparkSession, src: str, dst: str) -> None:
 
 
 def write_text(spark: SparkSession, path: str, text: str) -> None:
+    """Write a small text file whole: into a hidden file beside it, then renamed over
+    it, so a driver killed mid-write never leaves a marker that exists but is empty."""
     fs, hpath = _fs_path(spark, path)
-    stream = fs.create(hpath, True)
+    tmp = hpath.getParent().suffix(f"/.{hpath.getName()}.{uuid.uuid4().hex[:8]}.tmp")
+    stream = fs.create(tmp, True)
     try:
         stream.write(bytearray(text.encode("utf-8")))
     finally:
         stream.close()
+    if fs.exists(hpath):
+        fs.delete(hpath, False)
+    if not fs.rename(tmp, hpath):
+        raise OSError(f"could not rename {tmp} to {path}")
 
 
 def read_text(spark: SparkSession, path: str) -> str:
@@ -139,7 +167,7 @@ def write_table(df: DataFrame, cfg: Config, table: str, schema: T.StructType, *,
         writer = writer.partitionBy(*partition_by)
     writer.parquet(stage)
     write_text(spark, f"{stage}/_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    rows = spark.read.schema(schema).parquet(stage).count()
+    rows = parquet_rows(spark, stage)
 
     if not partition_by or not path_exists(spark, final):
         _swap(spark, stage, final)
@@ -160,7 +188,7 @@ def append_table(df: DataFrame, cfg: Config, table: str, schema: T.StructType) -
     final = cfg.table_path(table)
     stage = f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}/_staging/{table}-append-{uuid.uuid4().hex[:8]}"
     conform(df, schema).coalesce(1).write.mode("overwrite").parquet(stage)
-    rows = spark.read.schema(schema).parquet(stage).count()
+    rows = parquet_rows(spark, stage)
     for part in [p for p in list_dir(spark, stage) if not p.startswith(("_", "."))]:
         move_path(spark, f"{stage}/{part}", f"{final}/{part}")
     delete_path(spark, stage)

@@ -13,7 +13,7 @@ from pyspark.sql import types as T
 
 from siren_batch import schemas
 from siren_batch.config import Config, ConfigError
-from siren_batch.warehouse import delete_path, path_exists, read_table, write_table
+from siren_batch.warehouse import delete_path, parquet_rows, path_exists, read_table, write_table
 
 DAY_MS = 86_400_000
 
@@ -79,7 +79,7 @@ def _write_partition(df: DataFrame, rows: int, cfg: Config, table: str, schema, 
 def _partition_rows(spark: SparkSession, cfg: Config, table: str, run_date: str) -> int:
     """Rows in a run_date partition, 0 when absent (Parquet footers only)."""
     path = f"{cfg.table_path(table)}/run_date={run_date}"
-    return spark.read.parquet(path).count() if path_exists(spark, path) else 0
+    return parquet_rows(spark, path) if path_exists(spark, path) else 0
 
 
 def _merge(stored: DataFrame, fresh: DataFrame, keys: list[str]) -> DataFrame:

@@ -21,14 +21,15 @@ def embed_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -
     from siren_batch.embed import embed_items
 
     rec.reads, rec.writes = ["arrived_items", "item_embeddings"], ["item_embeddings"]
-    if not _partition_rows(spark, cfg, "arrived_items", night.run_date):
+    arrived_rows = _partition_rows(spark, cfg, "arrived_items", night.run_date)
+    if not arrived_rows:
         rec.writes = []
         return {"embedded": 0}
     arrived = _partition(spark, cfg, "arrived_items", ARRIVED_ITEMS, night.run_date)
     fresh = embed_items(arrived, cfg.embed)
     if not night.bootstrap and table_exists(spark, cfg, "item_embeddings"):
         fresh = _merge(read_table(spark, cfg, "item_embeddings", schemas.ITEM_EMBEDDINGS), fresh, ["item_id"])
-    rec.input_rows = arrived.count()
+    rec.input_rows = arrived_rows
     total = write_table(fresh, cfg, "item_embeddings", schemas.ITEM_EMBEDDINGS)
     rec.output_rows = rec.input_rows
     return {"embedded": rec.input_rows, "item_embeddings": total}
@@ -118,8 +119,9 @@ def sketches_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
     fresh = serving_sketches(history, items, item_topics, topic_df, cfg.sketches).localCheckpoint()
     stored = read_table(spark, cfg, "sketches", schemas.SKETCHES)
     total = write_table(_merge(stored, fresh, ["user_id"]), cfg, "sketches", schemas.SKETCHES)
-    rec.output_rows = fresh.count()
-    rec.input_rows = int(fresh.agg(F.sum("n_history")).first()[0] or 0)   # the history rows read
+    sketched = fresh.agg(F.count(F.lit(1)).alias("users"), F.sum("n_history").alias("history")).first()
+    rec.output_rows = int(sketched["users"])
+    rec.input_rows = int(sketched["history"] or 0)   # the history rows read
     return {"users_sketched": rec.output_rows, "sketches": total, "rebuilt_all": False}
 
 

@@ -1,0 +1,50 @@
+"""The night's one-job ingest counts equal data.ingest_counts, and write_table's row
+count from Parquet footers equals Spark's count."""
+
+from __future__ import annotations
+
+import pytest
+from pyspark.sql import functions as F
+
+from siren_batch import data, schemas
+from siren_batch.nightly.ingest import arrival_counts
+from siren_batch.warehouse import parquet_rows, read_table, write_table
+
+
+def _frames(spark, with_items: bool):
+    raw = spark.createDataFrame([("u1", "i1"), ("u1", "i2"), ("u2", "i1"), ("u3", "i9"), ("", "i1")],
+                                "user_id string, item_id string")
+    kept = spark.createDataFrame([("u1", "i1", 4.0, 1, "train"), ("u1", "i2", 3.0, 2, "train"),
+                                  ("u2", "i1", 5.0, 3, "train")],
+                                 "user_id string, item_id string, rating double, ts long, split string")
+    rejects = [("interactions", "unknown_item", "u3,i9"), ("interactions", "missing_id: user_id", ",i1")]
+    if with_items:
+        raw_items = spark.createDataFrame([("i2",), ("i3",)], "item_id string")
+        items = spark.createDataFrame([("i2", "T", None, "T")], schemas.ITEMS)
+        rejects.append(("items", "empty_text", "i3,,"))
+    else:
+        raw_items = spark.createDataFrame([], "item_id string")
+        items = spark.createDataFrame([], schemas.ITEMS)
+    return raw, raw_items, kept, items, spark.createDataFrame(rejects, schemas.REJECTS)
+
+
+@pytest.mark.parametrize("with_items", [True, False])
+def test_arrival_counts_equal_ingest_counts(spark, with_items):
+    raw, raw_items, kept, items, rejects = _frames(spark, with_items)
+    expected = data.ingest_counts({"interactions": raw.count(), "items": raw_items.count()}, kept, items, rejects)
+    assert arrival_counts(raw, raw_items, kept, items, rejects) == expected
+
+
+def test_arrival_counts_catch_lost_rows(spark):
+    raw, raw_items, kept, items, rejects = _frames(spark, True)
+    with pytest.raises(RuntimeError, match="interactions: input 5 != kept 2"):
+        arrival_counts(raw, raw_items, kept.limit(2), items, rejects)
+
+
+def test_parquet_rows_from_footers(spark, cfg):
+    df = spark.range(57).select(F.col("id").cast("string").alias("user_id"), (F.col("id") % 3).alias("part"))
+    df.repartition(4).write.partitionBy("part").parquet(f"{cfg.warehouse}/plain")
+    assert parquet_rows(spark, f"{cfg.warehouse}/plain") == 57
+    items = spark.createDataFrame([(f"i{n}", "t", None, "t") for n in range(11)], schemas.ITEMS)
+    rows = write_table(items.repartition(3), cfg, "items", schemas.ITEMS)
+    assert rows == 11 == read_table(spark, cfg, "items", schemas.ITEMS).count()
