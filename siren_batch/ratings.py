@@ -74,14 +74,15 @@ def candidate_pairs(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFr
 
 
 def _prompts_for(pairs: DataFrame, history: DataFrame, cfg: Config, spark: SparkSession,
-                 timers: StageTimers | None = None) -> DataFrame:
+                 timers: StageTimers | None = None, count_tokens: bool = False) -> DataFrame:
     from siren_batch.prompts import build_prompts
 
     prompt_cfg = dataclasses.replace(cfg.prompts, tokenizer=cfg.score.model,
                                      variants=[cfg.score.variant], modes=[cfg.score.mode])
     items = read_table(spark, cfg, "items", schemas.ITEMS)
-    # The backend tokenizes every prompt and reports prompt_tokens itself: no count here.
-    return build_prompts(pairs, items, prompt_cfg, cfg.sketches.theta, history, timers, count_tokens=False)
+    # The score stage's backend tokenizes every prompt and reports prompt_tokens itself, so by
+    # default there is no count here; the probe, which reads states, asks for it.
+    return build_prompts(pairs, items, prompt_cfg, cfg.sketches.theta, history, timers, count_tokens)
 
 
 def _error_rows(pairs: DataFrame) -> DataFrame:

@@ -55,7 +55,8 @@ def _frame(spark: SparkSession, cfg: Config, split: str, limit: int | None, back
     from siren_batch.ratings import _prompts_for
 
     pairs = _pairs(spark, cfg, split, limit)
-    prompts = _prompts_for(pairs, read_table(spark, cfg, "interactions", schemas.INTERACTIONS), cfg, spark)
+    prompts = _prompts_for(pairs, read_table(spark, cfg, "interactions", schemas.INTERACTIONS), cfg, spark,
+                           count_tokens=True)
     feats, als_params = split_features(spark, cfg, split, als_params)
     frame = (prompts.select(*KEY, "label", "prompt", "prompt_tokens").join(feats, on=KEY, how="left")
              .orderBy(*KEY).toPandas())
