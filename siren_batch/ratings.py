@@ -28,7 +28,7 @@ from siren_batch import schemas
 from siren_batch.config import Config
 from siren_batch.console import Progress
 from siren_batch.timers import StageTimers
-from siren_batch.warehouse import (delete_path, list_dir, move_path, path_exists, read_table,
+from siren_batch.warehouse import (delete_path, list_dir, move_path, parquet_rows, path_exists, read_table,
                                    read_text, run_record, write_table, write_text)
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
                 scored.select("user_id", "item_id", *SCORED_COLUMNS).write.mode("overwrite").parquet(tmp)
             with timers.phase("chunk_commits"):
                 move_path(spark, tmp, f"{staging}/chunks/{name}")
-                progress.update(spark.read.parquet(f"{staging}/chunks/{name}").count())
+                progress.update(parquet_rows(spark, f"{staging}/chunks/{name}"))
         with timers.phase("finish"):
             summary = _finish(spark, cfg, staging, bad_pairs, run_date, prompt_template_hash(), rec.run_id)
         pairs.unpersist()
