@@ -98,7 +98,7 @@ def select(completions: list[str], labels, keep_within: float) -> tuple[list[int
     answers = [parse_answer(c) for c in completions]
     parsed = [(i, a) for i, a in enumerate(answers) if a is not None]
     errors = [abs(min(max(a, 1.0), 5.0) - float(labels[i])) for i, a in parsed]
-    kept = [i for (i, _), e in zip(parsed, errors) if e <= keep_within + 1e-9 and cot.until_answer(completions[i])]
+    kept = [i for (i, _), e in zip(parsed, errors) if e <= keep_within + 1e-9]   # a parsed answer has its <answer>
     return kept, {"rows": len(completions), "parsed": len(parsed), "kept": len(kept),
                   "teacher_mae": round(float(np.mean(errors)), 4) if errors else None}
 
