@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import math
+from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -197,6 +199,10 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
     for extra in parts[1:]:
         out = out.unionByName(extra, allowMissingColumns=True)
     out = out.withColumn("model_id", F.coalesce("model_id", F.lit(cfg.score.model)))
+    training = training_meta(cfg)
+    if training.get("target") == "residual":
+        logger.info("residual model: adding the user+item bias prediction back to its ratings")
+        out = add_base_back(spark, cfg, out, training)
     calibrator = load_if_present(cfg)
     if calibrator is not None:
         logger.info("applying the calibrator stored at %s", calibrator_dir(cfg))
@@ -215,3 +221,38 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
             "errors_by_reason": by_error, "prompt_tokens": int(agg.prompt_tokens or 0),
             "output_tokens": int(agg.output_tokens or 0), "table": cfg.table_path("ratings")}
 
+
+
+def training_meta(cfg: Config) -> dict:
+    """siren_training.json of the scored adapter, else of the model folder (written by
+    training and by `make export`); {} for a model this project did not train."""
+    from siren_batch.assets import resolve_llm
+
+    for folder in (cfg.score.adapter, resolve_llm(cfg.score.model)):
+        meta = Path(folder or "") / "siren_training.json"
+        if folder and meta.is_file():
+            return json.loads(meta.read_text())
+    return {}
+
+
+def add_base_back(spark: SparkSession, cfg: Config, out: DataFrame, training: dict) -> DataFrame:
+    """A residual model's ratings on the label scale: rating and rating_median become
+    clip(base + value - midpoint), rating_argmax the scale point nearest base + argmax -
+    midpoint; `probs` stays the model's own distribution (over the residual shifted onto
+    the scale). base = the user+item bias prediction, fit as for training: on train for
+    split:valid, on train + valid for split:test, on every interaction for candidates."""
+    from siren_batch.baselines import clip
+    from siren_batch.train.data import with_base
+
+    scale = [float(s) for s in training.get("scale", ["1", "5"])]
+    midpoint = (scale[0] + scale[-1]) / 2
+    source = cfg.score.candidates
+    split = source.split(":", 1)[1] if source.startswith("split:") else None
+    interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+    bases = with_base(out.select("user_id", "item_id").dropDuplicates(), interactions, split, cfg)
+    # clip() is least/greatest, which skip nulls: an error row's null must stay null.
+    shifted = {c: F.when(F.col(c).isNotNull(), clip(F.col(c) + F.col("base") - F.lit(midpoint)))
+               for c in ("rating", "rating_median")}
+    shifted["rating_argmax"] = F.when(F.col("rating_argmax").isNotNull(),
+                                      clip(F.round(F.col("rating_argmax") + F.col("base") - F.lit(midpoint))))
+    return out.join(bases, on=["user_id", "item_id"], how="left").withColumns(shifted).drop("base")

@@ -320,3 +320,35 @@ def test_export_stage_takes_test_metrics_of_the_named_system(spark, cfg):
     cfg.evaluate = dataclasses.replace(cfg.evaluate, system="sft:x")
     assert test_metrics(spark, cfg) == {"mae": 0.8, "rmse": 1.0, "n": 12, "split": "test", "eval_id": "2026-01-02-b",
                                         "system": "sft:x"}
+
+
+def test_score_stage_adds_the_base_back_for_a_residual_model(spark, cfg, tmp_path):
+    import dataclasses
+
+    from siren_batch import schemas
+    from siren_batch.ratings import add_base_back, training_meta
+    from siren_batch.warehouse import write_table
+
+    inter = [("u1", "i1", 5.0, 100, "train"), ("u1", "i2", 3.0, 100, "train"), ("u1", "i3", 4.0, 200, "train"),
+             ("u2", "i1", 4.0, 100, "train"), ("u2", "i2", 1.0, 150, "train"), ("u2", "i3", 5.0, 300, "valid")]
+    write_table(spark.createDataFrame(inter, schemas.INTERACTIONS), cfg, "interactions", schemas.INTERACTIONS)
+    cfg.evaluate = dataclasses.replace(cfg.evaluate, bias_reg=0.0, bias_iters=1)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    cfg.score = dataclasses.replace(cfg.score, adapter=str(folder), candidates="split:valid")
+    assert training_meta(cfg) == {}                                     # untrained: nothing to add back
+    (folder / "siren_training.json").write_text(json.dumps({"target": "residual", "scale": list("12345")}))
+    assert training_meta(cfg)["target"] == "residual"
+
+    cols = "user_id string, item_id string, rating double, rating_median double, rating_argmax double, error string"
+    out = spark.createDataFrame([("u2", "i3", 3.0, 3.5, 4.0, None), ("u2", "i3", 4.9, 5.0, 5.0, None),
+                                 ("u9", "i3", None, None, None, "unknown_user")], cols)
+    got = add_base_back(spark, cfg, out, training_meta(cfg)).collect()
+    assert len(got) == 3                                                # repeated pairs and errors all kept
+    base = 3.4 + 0.6 - 0.75                                             # the bias fit on train (see above)
+    by_rating = sorted(got, key=lambda r: (r.rating is None, r.rating))
+    assert by_rating[0].rating == pytest.approx(base)                   # E[r] = 3: the baseline itself
+    assert by_rating[0].rating_median == pytest.approx(base + 0.5)
+    assert by_rating[0].rating_argmax == 4.0                            # nearest scale point to 4.25
+    assert by_rating[1].rating == 5.0 and by_rating[1].rating_argmax == 5.0   # clipped to the scale
+    assert by_rating[2].rating is None and by_rating[2].error == "unknown_user"

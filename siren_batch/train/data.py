@@ -52,12 +52,17 @@ def sample_groups(examples: DataFrame, limit: int | None, seed: int) -> DataFram
     return examples.join(picked, on=["user_id", "ts"], how="left_semi")
 
 
-def with_base(pairs: DataFrame, interactions: DataFrame, split: str, cfg: Config) -> DataFrame:
-    """pairs (user_id, item_id) + base = the bias prediction fit as the module doc says."""
+def with_base(pairs: DataFrame, interactions: DataFrame, split: str | None, cfg: Config) -> DataFrame:
+    """pairs (user_id, item_id) + base = the bias prediction fit as the module doc says;
+    split None (nightly candidates, scored with serving sketches): fit on every interaction."""
     from siren_batch.baselines import bias_predict, fit_bias, fit_data
 
-    fit = (interactions.where(F.col("split") == "train").select("user_id", "item_id", "rating")
-           if split == "train" else fit_data(interactions, split))
+    if split is None:
+        fit = interactions.select("user_id", "item_id", "rating")
+    elif split == "train":
+        fit = interactions.where(F.col("split") == "train").select("user_id", "item_id", "rating")
+    else:
+        fit = fit_data(interactions, split)
     mu, user_bias, item_bias = fit_bias(fit, cfg.evaluate.bias_reg, cfg.evaluate.bias_iters)
     return bias_predict(pairs.select("user_id", "item_id"), mu, user_bias, item_bias, name="base")
 
