@@ -176,6 +176,8 @@ def kill_and_restart(spark, cfg, overrides: list[str], kill: str, log: Path) -> 
     """Run the stage in a subprocess, SIGKILL it with half the chunks committed (kill=poll:
     from outside, wherever it is then; kill=hook: at a chosen commit, deterministic),
     then run it again here. Returns what was committed at the kill and the restart's time."""
+    import pyarrow.parquet as pq
+
     chunks_dir = Path(cfg.warehouse) / cfg.dataset / "_staging" / f"ratings-{cfg.score.run_date}" / "chunks"
     total = spark.read.parquet(cfg.score.candidates).count()
     n_chunks = max(1, math.ceil(total / cfg.score.chunk_rows))
@@ -200,11 +202,24 @@ def kill_and_restart(spark, cfg, overrides: list[str], kill: str, log: Path) -> 
     killed_after = time.perf_counter() - start
     if proc.returncode != -signal.SIGKILL:
         raise RuntimeError(f"the killed run ended with {proc.returncode}, not SIGKILL: see {log}")
-    committed = len(list(chunks_dir.iterdir())) if chunks_dir.is_dir() else 0
+    committed = sorted(chunks_dir.iterdir()) if chunks_dir.is_dir() else []
+    committed_rows = sum(pq.ParquetFile(f).metadata.num_rows for c in committed for f in c.glob("*.parquet"))
     restart = timed_stage(spark, cfg)
-    return {"chunks": n_chunks, "committed_at_kill": committed, "kill": kill,
-            "killed_after_s": round(killed_after, 1), "restart_s": round(restart["seconds"], 1),
-            "restart_rows": restart["summary"]["rows"]}
+    return {"chunks": n_chunks, "committed_at_kill": len(committed), "rows_committed_at_kill": committed_rows,
+            "kill": kill, "killed_after_s": round(killed_after, 1), "restart_s": round(restart["seconds"], 1),
+            "restart_rows": restart["summary"]["rows"], "restart_summary": restart["summary"]}
+
+
+def killed_stage(spark, cfg, overrides: list[str], kill: str, log: Path) -> tuple[dict, dict]:
+    """The measured run itself, SIGKILLed with half its chunks committed and started again:
+    (stage as timed_stage gives it, with seconds = both parts, the work lost at the kill
+    included; its timers are the restart's, over the pairs the restart scored: timed_part),
+    and kill_and_restart's record."""
+    kill = kill_and_restart(spark, cfg, overrides, kill, log)
+    summary = kill.pop("restart_summary")
+    stage = {"seconds": kill["killed_after_s"] + kill["restart_s"], "summary": summary,
+             "timed_part": {"seconds": kill["restart_s"], "pairs": summary["rows"] - kill["rows_committed_at_kill"]}}
+    return stage, kill
 
 
 def check_ratings(spark, cfg, run_date: str, reference_date: str | None = None) -> dict:
@@ -237,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill", choices=["poll", "hook", "none"], default="poll",
                         help="at the largest size: poll = SIGKILL from outside once half the chunks are "
                              "committed; hook = just before committing the chunk after half (deterministic)")
+    parser.add_argument("--measure-killed", action="store_true",
+                        help="at the largest size the measured run is the killed and restarted one (one run, "
+                             "not two; its wall time is both parts): half the time of a separate kill run")
     parser.add_argument("--name", default="bench-score-overhead", help="results file under notebooks/benchmarks")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kill-before-commit", type=int, default=0, help=argparse.SUPPRESS)
@@ -251,26 +269,34 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"warehouse_build_s": build_warehouse(spark, cfg), "per_user": args.per_user,
                "model": {"layers": TINY["num_hidden_layers"], "hidden": TINY["hidden_size"]}, "sizes": {}}
     model, load_before = tiny_model(work / "model"), os.getloadavg()[0]
-    for pairs in [int(n) for n in args.pairs.split(",")]:
+    sizes = [int(n) for n in args.pairs.split(",")]
+    for pairs in sizes:
         run = [*base, f"score.model={model}", f"score.candidates={work}/candidates-{pairs}x{args.per_user}"]
         cfg = load_config(overrides=[*run, f"score.run_date={RUN_DATE}"])
         make_candidates(spark, cfg, pairs, args.per_user, cfg.score.candidates)
         _clear_staging(work / "wh" / cfg.dataset / "_staging")
-        stage = timed_stage(spark, cfg)
+        if args.measure_killed and args.kill != "none" and pairs == sizes[-1]:
+            stage, payload["kill_restart"] = killed_stage(spark, cfg, [*run, f"score.run_date={RUN_DATE}"],
+                                                          args.kill, work / "killed-run.log")
+        else:
+            stage = timed_stage(spark, cfg)
         stored = store_prompts(spark, cfg, f"{work}/prompts")
         alone = backend_alone(spark, cfg, f"{work}/prompts")
         payload.update(dataset=cfg.dataset, users=math.ceil(pairs / args.per_user), dtype=cfg.score.dtype,
                        arrow_batch_size=cfg.spark.arrow_batch_size, chunk_rows=cfg.score.chunk_rows,
-                       figures=figures(pairs, stage, alone), stage_summary=stage["summary"], prompts_stored=stored,
-                       backend_alone=alone, ratings=check_ratings(spark, cfg, RUN_DATE))
+                       figures=figures(pairs, stage, alone, stage.get("timed_part")), stage_summary=stage["summary"],
+                       prompts_stored=stored, backend_alone=alone, ratings=check_ratings(spark, cfg, RUN_DATE))
         payload["sizes"][pairs] = payload["figures"]
         logger.info("bench-score-overhead at %d pairs: %s", pairs, json.dumps(payload["figures"]))
     if len(payload["sizes"]) > 1:
         payload["fit"] = linear_fit(payload["sizes"], 1_000_000)
-    if args.kill != "none":
+    if "kill_restart" in payload:
+        payload["kill_restart"]["ratings"] = payload["ratings"]
+    elif args.kill != "none":
         killed = [*run, f"score.run_date={KILLED_RUN_DATE}"]
         kcfg = load_config(overrides=killed)
         payload["kill_restart"] = kill_and_restart(spark, kcfg, killed, args.kill, work / "killed-run.log")
+        payload["kill_restart"].pop("restart_summary")
         payload["kill_restart"]["ratings"] = check_ratings(spark, kcfg, KILLED_RUN_DATE, RUN_DATE)
     payload["load_average_1min"] = {"before": round(load_before, 1), "after": round(os.getloadavg()[0], 1)}
     path = write_results(args.name, payload, markdown(payload))

@@ -32,17 +32,21 @@ def breakdown(timings: dict, stage_s: float) -> dict:
     return {k: round(v, 3) for k, v in parts.items()}
 
 
-def figures(pairs: int, stage: dict, alone: dict) -> dict:
+def figures(pairs: int, stage: dict, alone: dict, timed_part: dict | None = None) -> dict:
     """The stage against the backend alone. Overhead per pair, three ways: the stage's
     wall time minus the backend's (the issue's definition; it credits the stage with its
     task slots); against the backend spread perfectly over the slots, in core-ms (wall x
     slots: the strictest); and the framework's own work, i.e. the stage's core time less
-    the backend's own time inside the stage (which includes its slowdown there)."""
+    the backend's own time inside the stage (which includes its slowdown there).
+    timed_part {seconds, pairs}: the stage's timers cover only that part of the run (a
+    killed and restarted run: the restart); the breakdown is of that part, and the
+    framework's own work is scaled from it to every pair."""
     timings = stage["summary"]["timings"]
     slots, stage_s = timings["task_slots"], stage["seconds"]
     backend_s = alone["seconds"] * pairs / alone["pairs"]   # per pair, scaled to every candidate
-    parts = breakdown(timings, stage_s)
-    in_stage = parts["backend_tokenize"] + parts["backend_model"]   # wall-equivalent seconds
+    part = timed_part or {"seconds": stage_s, "pairs": pairs}
+    parts = breakdown(timings, part["seconds"])
+    in_stage = (parts["backend_tokenize"] + parts["backend_model"]) * pairs / part["pairs"]   # wall-equivalent s
     ms = lambda seconds: round(1000 * seconds / pairs, 3)   # noqa: E731
     return {"pairs": pairs, "stage_s": round(stage_s, 1), "stage_pairs_per_s": round(pairs / stage_s, 1),
             "task_slots": slots, "backend_alone_s": round(backend_s, 1),
@@ -53,7 +57,8 @@ def figures(pairs: int, stage: dict, alone: dict) -> dict:
             "framework_core_ms_per_pair": ms((stage_s - in_stage) * slots),
             "in_stage_backend_over_alone": round(in_stage * slots / backend_s, 2),
             "target_ms_per_pair": TARGET_MS, "breakdown_s": parts,
-            "breakdown_ms_per_pair": {k: round(1000 * v / pairs, 4) for k, v in parts.items()}}
+            "breakdown_of": {"seconds": round(part["seconds"], 1), "pairs": part["pairs"]},
+            "breakdown_ms_per_pair": {k: round(1000 * v / part["pairs"], 4) for k, v in parts.items()}}
 
 
 def _verdict(value: float) -> str:
@@ -79,9 +84,12 @@ def markdown(p: dict) -> str:
              f"- the framework's own work, core-ms (stage core time less the backend's time inside the stage, "
              f"which is {f['in_stage_backend_over_alone']}x its time alone): "
              f"**{_verdict(f['framework_core_ms_per_pair'])}**", "",
-             "Where the stage's wall time goes (task phases as task-seconds / task slots):", "",
+             "Where the stage's wall time goes (task phases as task-seconds / task slots)"
+             + (f", in the restart ({f['breakdown_of']['pairs']:,} pairs, {f['breakdown_of']['seconds']} s):"
+                if f.get("breakdown_of", {}).get("pairs", f["pairs"]) != f["pairs"] else ":"), "",
              "| part | seconds | wall ms per pair | share |", "|---|---:|---:|---:|"]
-    lines += [f"| {LABELS[k]} | {v} | {f['breakdown_ms_per_pair'][k]} | {100 * v / f['stage_s']:.1f}% |"
+    part_s = f.get("breakdown_of", {}).get("seconds", f["stage_s"])
+    lines += [f"| {LABELS[k]} | {v} | {f['breakdown_ms_per_pair'][k]} | {100 * v / part_s:.1f}% |"
               for k, v in f["breakdown_s"].items()]
     if "fit" in p:
         lines += ["", *_fit_lines(p)]
@@ -91,8 +99,11 @@ def markdown(p: dict) -> str:
                   f"workers) after {kill['killed_after_s']} s with {kill['committed_at_kill']} of {kill['chunks']} "
                   f"chunks committed; the restart took {kill['restart_s']} s. Partition: {r['rows']:,} rows, "
                   f"{r['distinct_pairs']:,} distinct pairs, {r['missing']} missing, {r['extra']} extra, "
-                  f"{r['errors']} errors; max |rating difference| vs the uninterrupted run "
-                  f"{r['max_rating_diff_vs_reference']} over {r['same_pairs_as_reference']:,} pairs."]
+                  f"{r['errors']} errors"
+                  + (f"; max |rating difference| vs the uninterrupted run {r['max_rating_diff_vs_reference']} "
+                     f"over {r['same_pairs_as_reference']:,} pairs." if "same_pairs_as_reference" in r else
+                     ". This killed and restarted run is the measured one above: its stage seconds are the "
+                     "time to the kill plus the restart.")]
     return "\n".join(lines + ["", f"Machine load (1-min average, before/after): {p['load_average_1min']}."])
 
 

@@ -71,3 +71,25 @@ def test_tiny_run_reconciles_and_survives_a_kill(spark, tmp_path, monkeypatch, c
                                "same_pairs_as_reference": pairs, "max_rating_diff_vs_reference": 0.0}
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume:")]
     assert skipped == ["resume: chunk=00000 already committed, skipping"]   # kept, not scored again
+
+
+def test_measured_run_can_be_the_killed_one(spark, tmp_path, monkeypatch):
+    """--measure-killed: one run, killed before committing chunk 2 of 2 and started again, is
+    both the measurement (time to the kill + the restart; the restart's breakdown) and the
+    reconciliation check."""
+    monkeypatch.setattr(profiling, "RESULTS_DIR", tmp_path / "results")
+    pairs = USERS * PER_USER
+    args = ["--pairs", str(pairs), "--per-user", str(PER_USER), "--work", str(tmp_path / "work"),
+            "--kill", "hook", "--measure-killed", "--name", "tiny", *_source(tmp_path / "in"),
+            "spark.master=local[2]", "spark.shuffle_partitions=4", "topics.k=3", "topics.name_top_m=4",
+            "score.dtype=float32", "score.chunk_rows=150"]
+    assert bench_overhead.main(args) == 0
+    out = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    kill, f = out["kill_restart"], out["figures"]
+    assert kill["chunks"] == 2 and kill["committed_at_kill"] == 1 and 0 < kill["rows_committed_at_kill"] < pairs
+    assert out["ratings"] == kill["ratings"] == {"rows": pairs, "distinct_pairs": pairs, "missing": 0, "extra": 0,
+                                                 "errors": 0}
+    assert f["stage_s"] == pytest.approx(kill["killed_after_s"] + kill["restart_s"], abs=0.2)
+    assert f["breakdown_of"]["pairs"] == pairs - kill["rows_committed_at_kill"]
+    assert abs(sum(f["breakdown_s"].values()) - f["breakdown_of"]["seconds"]) < 0.2
+    assert "the time to the kill plus the restart" in (tmp_path / "results" / "tiny.md").read_text()
