@@ -140,6 +140,7 @@ class PromptsConfig:
     modes: list[str] = field(default_factory=lambda: ["answer_only"])  # answer_only | cot
     raw_history_max: int = 0          # raw variant: most recent items kept; 0 = the whole history
     priors: bool = False              # add as-of numeric priors: the user's and the item's earlier rating count and mean
+    think_prefill: bool = False       # cot prompts end with "<think>\n": generation starts inside the reasoning
 
     def __post_init__(self) -> None:
         bad = [v for v in self.variants if v not in ("sketch", "recent", "raw")]

@@ -64,6 +64,9 @@ ITEM_PRIOR = "Earlier ratings of this item: {count}, {mean:.2f} on average."
 ITEM_PRIOR_NONE = "Earlier ratings of this item: none."
 SECTION_SEP = "\n\n"
 ANSWER_ONLY_SUFFIX = "\n<think>\n</think>\n<answer>"
+# prompts.think_prefill: cot prompts end with the opening tag, so generation starts inside
+# the reasoning (a small model otherwise often skips the tag, and the format reward with it).
+THINK_PREFILL = "<think>\n"
 
 VARIANTS = ("sketch", "recent", "raw")
 MODES = ("answer_only", "cot")
@@ -123,15 +126,35 @@ def render_user_message(sketch: dict[str, Any], candidate: dict[str, Any], varia
 
 
 def render_prompt(tokenizer, sketch: dict[str, Any], candidate: dict[str, Any], variant: str,
-                  mode: str, theta: float, priors: bool = False) -> str:
+                  mode: str, theta: float, priors: bool = False, think_prefill: bool = False) -> str:
     """The full prompt text: chat template with the generation prompt, plus the
-    answer-only suffix in answer_only mode."""
+    answer-only suffix in answer_only mode, or THINK_PREFILL in cot mode with think_prefill."""
     if mode not in MODES:
         raise ValueError(f"unknown prompt mode {mode!r}; use one of {', '.join(MODES)}")
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": render_user_message(sketch, candidate, variant, theta, priors)}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + ANSWER_ONLY_SUFFIX if mode == "answer_only" else text
+    return with_mode(text, mode, think_prefill)
+
+
+def with_mode(generation_prompt: str, mode: str, think_prefill: bool = False) -> str:
+    """The chat template's text (ending at the generation prompt) as a prompt of `mode`.
+
+    >>> with_mode("A:", "answer_only", True), with_mode("A:", "cot", True), with_mode("A:", "cot")
+    ('A:\\n<think>\\n</think>\\n<answer>', 'A:<think>\\n', 'A:')
+    """
+    if mode == "answer_only":
+        return generation_prompt + ANSWER_ONLY_SUFFIX
+    return generation_prompt + THINK_PREFILL if think_prefill else generation_prompt
+
+
+def answer_only_of(cot_prompt: str) -> str:
+    """The answer-only prompt of a cot prompt (with or without THINK_PREFILL).
+
+    >>> answer_only_of("A:<think>\\n") == answer_only_of("A:") == "A:" + ANSWER_ONLY_SUFFIX
+    True
+    """
+    return cot_prompt.removesuffix(THINK_PREFILL) + ANSWER_ONLY_SUFFIX
 
 
 def load_tokenizer(path: str):
@@ -169,7 +192,7 @@ def _with_history(frame: DataFrame, history: DataFrame, items: DataFrame, keep_l
 
 
 def _make_render_fn(tokenizer_path: str, variants: list[str], modes: list[str], theta: float, priors: bool,
-                    timers: StageTimers | None = None, count_tokens: bool = True
+                    timers: StageTimers | None = None, count_tokens: bool = True, think_prefill: bool = False
                     ) -> Callable[[Iterator], Iterator]:
     timers = timers or StageTimers()
     columns = _prompt_schema(count_tokens).names
@@ -194,7 +217,7 @@ def _make_render_fn(tokenizer_path: str, variants: list[str], modes: list[str], 
             for variant in variants:
                 cot = render_prompt(tokenizer, sketch, candidate, variant, "cot", theta, priors)
                 for mode in modes:
-                    out["prompt"].append(cot + ANSWER_ONLY_SUFFIX if mode == "answer_only" else cot)
+                    out["prompt"].append(with_mode(cot, mode, think_prefill))
                     for key, value in (("user_id", rec["user_id"]), ("item_id", rec["item_id"]),
                                        ("split", rec["split"]), ("label", label),
                                        ("variant", variant), ("mode", mode)):
@@ -247,7 +270,7 @@ def build_prompts(pairs: DataFrame, items: DataFrame, cfg: PromptsConfig, theta:
              .repartition("user_id").sortWithinPartitions("user_id", "item_id"))
     # Resolved on the driver so a missing model folder fails before any task starts.
     render = _make_render_fn(assets.resolve_llm(cfg.tokenizer), list(cfg.variants), list(cfg.modes), theta,
-                             cfg.priors, timers, count_tokens)
+                             cfg.priors, timers, count_tokens, cfg.think_prefill)
     return frame.mapInPandas(render, _prompt_schema(count_tokens))
 
 

@@ -106,6 +106,11 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
 
     run_date = cfg.score.run_date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     load_if_present(cfg)  # a calibrator fit for other settings fails here, not after the scoring
+    trained_prefill = training_meta(cfg).get("think_prefill")
+    if cfg.score.mode == "cot" and trained_prefill is not None and trained_prefill != cfg.prompts.think_prefill:
+        logger.warning("the model was trained with prompts.think_prefill=%s, scored with %s: set "
+                       "prompts.think_prefill=%s for the prompts it learned", trained_prefill,
+                       cfg.prompts.think_prefill, trained_prefill)
     staging = f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}/_staging/ratings-{run_date}"
     timers = StageTimers(spark, TASK_PHASES)
     with run_record(spark, cfg, "score") as rec:

@@ -128,6 +128,15 @@ def test_build_prompts_counts_tokens_and_groups_users(spark, tokenizer):
     assert "preference" not in by_key[("u1", "c1", "recent", "cot")].prompt
 
 
+def test_think_prefill_opens_the_reasoning_in_cot_prompts_only(spark):
+    cfg = PromptsConfig(modes=["answer_only", "cot"], think_prefill=True)
+    out = {r.mode: r.prompt for r in P.build_prompts(_pairs(spark), _items(spark), cfg, 4.0).collect()
+           if (r.user_id, r.item_id) == ("u1", "c1")}
+    assert out["cot"].endswith("<|im_start|>assistant\n<think>\n")
+    assert out["answer_only"] == out["cot"].removesuffix(P.THINK_PREFILL) + P.ANSWER_ONLY_SUFFIX
+    assert P.answer_only_of(out["cot"]) == out["answer_only"]    # what stage 2's student reads
+
+
 def test_build_prompts_with_priors(spark):
     cfg = PromptsConfig(priors=True)
     out = {(r.user_id, r.item_id): r.prompt for r in P.build_prompts(_pairs(spark), _items(spark), cfg, 4.0).collect()}

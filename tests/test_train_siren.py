@@ -97,12 +97,16 @@ def test_template_rationale_follows_the_format_and_earns_the_full_reward(tok):
 def test_grpo_warms_up_then_runs_two_steps_and_logs_rewards(tiny_qwen3, tok, tmp_path):
     from siren_batch.train import grpo
 
+    from siren_batch.prompts import THINK_PREFILL
+
     rows = _rows(tok)
+    rows["prompt"] = rows["prompt"] + THINK_PREFILL               # prompts.think_prefill
     g = GrpoConfig(warmup_examples=4, warmup_epochs=1.0, group_size=2, batch_size=4, examples=4,
                    max_completion_tokens=8, checkpoint_every=1, lr=1e-3)
     summary = grpo.train(rows.iloc[:4], rows.iloc[4:8], g, _student_cfg(tiny_qwen3, batch_size=2,
-                         lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"]), tmp_path)
+                         lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"]), tmp_path, prefill=THINK_PREFILL)
     assert summary["status"] == "done" and summary["warmup"] == {"teacher": 0, "template": 4}
+    assert summary["think_prefill"] is True
     assert summary["steps_done"] == 2 and len(summary["curve"]) == 2          # 4 prompts x 2 / 4 per step
     for point in summary["curve"]:
         assert -3.0 <= point["reward_mean"] <= 3.0 and 0.0 <= point["parseable"] <= 1.0
@@ -122,7 +126,9 @@ def test_grpo_warms_up_then_runs_two_steps_and_logs_rewards(tiny_qwen3, tok, tmp
     # stage 1 exports like any trained scorer (the teacher of stage 2)
     from siren_batch.train.export import export_model
 
-    assert (export_model(tmp_path) / "model.safetensors").exists()
+    exported = export_model(tmp_path)
+    assert (exported / "model.safetensors").exists()
+    assert json.loads((exported / "siren_training.json").read_text())["think_prefill"] is True   # CoT scoring checks it
     again = grpo.train(rows.iloc[:4], rows.iloc[4:8], g, _student_cfg(tiny_qwen3), tmp_path)   # finished: a no-op
     assert again["steps_done"] == 2
 
@@ -293,7 +299,9 @@ def test_align_train_end_to_end_from_a_teacher_cache(tiny_qwen3, tok, tmp_path):
 
     from siren_batch.train.export import export_model
 
-    assert (export_model(tmp_path) / "model.safetensors").exists()
+    exported = export_model(tmp_path)
+    assert (exported / "model.safetensors").exists()
+    assert json.loads((exported / "siren_training.json").read_text())["think_prefill"] is True   # CoT scoring checks it
 
 
 # ---- the Spark edge ---------------------------------------------------------------------

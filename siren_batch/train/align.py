@@ -12,7 +12,7 @@
    killed run resumes at the next shard; teacher/manifest.json pins the teacher,
    the rows and the generation options, and a mismatch is refused.
 3. Student: the stage-1 model plus LoRA on align.lora_targets (k_proj, v_proj) on
-   the answer-only prompt (prompt + prompts.ANSWER_ONLY_SUFFIX), trained by the
+   the answer-only prompt (prompts.answer_only_of the cot prompt), trained by the
    fine-tuning loop (siren_batch.train.loop: checkpoints, resume, valid early
    stopping, best/ adapter, metrics.json) with the loss of align.variant:
 
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from siren_batch.config import AlignConfig, TrainConfig
-from siren_batch.prompts import ANSWER_ONLY_SUFFIX
+from siren_batch.prompts import answer_only_of
 from siren_batch.train import batching, cot, model as M, objective
 from siren_batch.train.loop import SFTRun
 from siren_batch.train.rewards import parse_answer
@@ -183,9 +183,9 @@ class AlignRun(SFTRun):
 # ---- the run --------------------------------------------------------------------------
 
 def student_rows(rows, kept: list[int]):
-    """The kept rows with answer-only prompts (prompt + ANSWER_ONLY_SUFFIX)."""
+    """The kept rows with answer-only prompts (prompts.answer_only_of their cot prompt)."""
     out = rows.iloc[kept].reset_index(drop=True).copy()
-    out["prompt"] = out["prompt"] + ANSWER_ONLY_SUFFIX
+    out["prompt"] = out["prompt"].map(answer_only_of)
     return out
 
 

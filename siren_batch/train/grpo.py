@@ -43,9 +43,10 @@ logger = logging.getLogger(__name__)
 TEACHER_KEEP_WITHIN = 0.5
 
 
-def warmup_examples(rows, teacher_completions: list[str] | None = None) -> tuple[list[dict], dict]:
+def warmup_examples(rows, teacher_completions: list[str] | None = None, prefill: str = "") -> tuple[list[dict], dict]:
     """prompt/completion pairs: the teacher's completion where it follows the format and
-    answers within TEACHER_KEEP_WITHIN of the label, else the template rationale.
+    answers within TEACHER_KEEP_WITHIN of the label, else the template rationale. With a
+    prefill (the prompts end with prompts.THINK_PREFILL), a completion is what follows it.
 
     >>> import pandas as pd
     >>> rows = pd.DataFrame({"prompt": ["P1", "P2"], "label": [4.0, 2.0], "evidence": [
@@ -53,6 +54,9 @@ def warmup_examples(rows, teacher_completions: list[str] | None = None) -> tuple
     >>> pairs, counts = warmup_examples(rows, ["<think>t</think><answer>4</answer>", "<answer>5</answer>"])
     >>> pairs[0]["completion"], counts
     ('<think>t</think><answer>4</answer>', {'teacher': 1, 'template': 1})
+    >>> pairs, _ = warmup_examples(rows, ["t</think><answer>4</answer>", "x"], prefill="<think>\\n")
+    >>> pairs[0]["completion"], pairs[1]["completion"].startswith("The candidate is Heat")
+    ('t</think><answer>4</answer>', True)
     """
     from siren_batch.train.rewards import format_reward
 
@@ -60,10 +64,11 @@ def warmup_examples(rows, teacher_completions: list[str] | None = None) -> tuple
     for i, (prompt, label, evidence) in enumerate(zip(rows["prompt"], rows["label"], rows["evidence"])):
         text = teacher_completions[i] if teacher_completions else None
         answer = parse_answer(text) if text else None
-        if text and format_reward(text) > 0 and answer is not None and abs(answer - label) <= TEACHER_KEEP_WITHIN:
+        if text and format_reward(prefill + text) > 0 and answer is not None \
+                and abs(answer - label) <= TEACHER_KEEP_WITHIN:
             counts["teacher"] += 1
         else:
-            text = cot.rationale(evidence, label)
+            text = cot.rationale(evidence, label).removeprefix(prefill)
             counts["template"] += 1
         pairs.append({"prompt": prompt, "completion": text})
     return pairs, counts
@@ -151,7 +156,7 @@ def run_warmup(pairs: list[dict], grpo: GrpoConfig, train: TrainConfig, base: st
 
 
 def run_grpo(prompts: list[str], labels: list[float], grpo: GrpoConfig, train: TrainConfig, start: Path,
-             run_dir: Path, device: str, bf16: bool) -> list[dict]:
+             run_dir: Path, device: str, bf16: bool, prefill: str = "") -> list[dict]:
     """Phase 2 -> run_dir/best (adapter or full model); returns TRL's log history."""
     import torch
     from datasets import Dataset
@@ -162,7 +167,7 @@ def run_grpo(prompts: list[str], labels: list[float], grpo: GrpoConfig, train: T
     tokenizer = AutoTokenizer.from_pretrained(start)
     torch.manual_seed(train.seed)
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
-    funcs, weights = trl_rewards(float(objective.VALUES[0]), float(objective.VALUES[-1]))
+    funcs, weights = trl_rewards(float(objective.VALUES[0]), float(objective.VALUES[-1]), prefill)
     out = run_dir / "grpo-checkpoints"
     args = GRPOConfig(**_common_args(out, grpo, train, device, bf16), num_train_epochs=grpo.epochs,
                       learning_rate=grpo.lr, beta=grpo.kl_coef, num_generations=grpo.group_size,
@@ -193,9 +198,11 @@ def curve(log_history: list[dict]) -> list[dict]:
 
 
 def train(warm_rows, grpo_rows, grpo: GrpoConfig, train_cfg: TrainConfig, run_dir: Path, meta: dict | None = None,
-          teacher_completions: list[str] | None = None) -> dict:
+          teacher_completions: list[str] | None = None, prefill: str = "") -> dict:
     """Both phases (module doc); returns the summary written to metrics.json.
-    warm_rows / grpo_rows: chain-of-thought rows (train.data.cot_rows: prompt, label, evidence)."""
+    warm_rows / grpo_rows: chain-of-thought rows (train.data.cot_rows: prompt, label, evidence);
+    prefill: the text those prompts end with that belongs to the answer (prompts.THINK_PREFILL
+    with prompts.think_prefill), seen by the rewards and cut from the warm-up completions."""
     import torch
     from transformers import AutoTokenizer
 
@@ -214,7 +221,7 @@ def train(warm_rows, grpo_rows, grpo: GrpoConfig, train_cfg: TrainConfig, run_di
             "autocast": "bfloat16" if bf16 else "off (float32)"}
     start, warm_counts = Path(base), None
     if grpo.warmup_examples > 0 and len(warm_rows):
-        pairs, warm_counts = warmup_examples(warm_rows, teacher_completions)
+        pairs, warm_counts = warmup_examples(warm_rows, teacher_completions, prefill)
         start = run_warmup(pairs, grpo, train_cfg, base, run_dir, device, bf16)
     tokenizer = AutoTokenizer.from_pretrained(start)
     lengths = [len(ids) for ids in tokenizer(list(grpo_rows["prompt"]), add_special_tokens=False)["input_ids"]]
@@ -223,8 +230,8 @@ def train(warm_rows, grpo_rows, grpo: GrpoConfig, train_cfg: TrainConfig, run_di
     labels = [float(r) for r, ok in zip(grpo_rows["label"], fits) if ok]
     if not prompts:
         raise ValueError(f"no GRPO prompt fits grpo.max_prompt_tokens={grpo.max_prompt_tokens}: raise it")
-    history = run_grpo(prompts, labels, grpo, train_cfg, start, run_dir, device, bf16)
-    summary = {**info, "status": "done", "warmup": warm_counts, "warmup_model": str(start),
+    history = run_grpo(prompts, labels, grpo, train_cfg, start, run_dir, device, bf16, prefill)
+    summary = {**info, "status": "done", "think_prefill": bool(prefill), "warmup": warm_counts, "warmup_model": str(start),
                "grpo_prompts": len(prompts), "skipped_too_long": len(fits) - len(prompts),
                "steps_done": max((h.get("step", 0) for h in history), default=0),
                "examples_seen": len(prompts) * grpo.group_size, "curve": curve(history)}

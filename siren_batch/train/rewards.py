@@ -66,17 +66,24 @@ def _text(completion) -> str:
     return "".join(m.get("content", "") for m in completion)
 
 
-def trl_rewards(low: float = 1.0, high: float = 5.0) -> tuple[list[Callable], list[float]]:
+def trl_rewards(low: float = 1.0, high: float = 5.0, prefill: str = "") -> tuple[list[Callable], list[float]]:
     """(reward callables, weights) for trl.GRPOTrainer: format (1), rating (1) and
-    parseable (0: logged, not rewarded). Each reads the dataset's `label` column."""
+    parseable (0: logged, not rewarded). Each reads the dataset's `label` column.
+    prefill: the text the prompts end with that belongs to the answer (prompts.THINK_PREFILL
+    with prompts.think_prefill): the rules see prefill + completion.
+
+    >>> funcs, weights = trl_rewards(prefill="<think>\\n")
+    >>> funcs[0](["x</think><answer>4</answer>"]), funcs[1](["x</think><answer>4</answer>"], label=[4.0])
+    ([1.0], [2.0])
+    """
     def format_(completions, **_):
-        return [format_reward(_text(c)) for c in completions]
+        return [format_reward(prefill + _text(c)) for c in completions]
 
     def rating(completions, label, **_):
-        return [rating_reward(_text(c), r, low, high) for c, r in zip(completions, label)]
+        return [rating_reward(prefill + _text(c), r, low, high) for c, r in zip(completions, label)]
 
     def parseable(completions, **_):
-        return [float(parse_answer(_text(c)) is not None) for c in completions]
+        return [float(parse_answer(prefill + _text(c)) is not None) for c in completions]
 
     format_.__name__, rating.__name__, parseable.__name__ = "format", "rating", "parseable"
     return [format_, rating, parseable], [1.0, 1.0, 0.0]

@@ -24,6 +24,7 @@ from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.config import Config, save_config
+from siren_batch.prompts import THINK_PREFILL
 from siren_batch.warehouse import read_table, run_record, table_exists
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ def train_grpo(spark: SparkSession, cfg: Config) -> dict:
             teacher_texts = _teacher_rationales(spark, cfg, warm)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        summary = grpo.train(warm, rows, cfg.grpo, cfg.train, out, teacher_completions=teacher_texts,
+        prefill = THINK_PREFILL if cfg.prompts.think_prefill else ""
+        summary = grpo.train(warm, rows, cfg.grpo, cfg.train, out, teacher_completions=teacher_texts, prefill=prefill,
                              meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.grpo.name})
         rec.output_rows = summary["examples_seen"]
     last = summary["curve"][-1] if summary["curve"] else {}
