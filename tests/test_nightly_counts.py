@@ -1,5 +1,5 @@
-"""The night's one-job ingest counts equal data.ingest_counts, and write_table's row
-count from Parquet footers equals Spark's count."""
+"""data.ingest_counts (one aggregation) equals the counts taken one by one and catches lost
+rows; write_table's row count from Parquet footers equals Spark's count."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 from pyspark.sql import functions as F
 
 from siren_batch import data, schemas
-from siren_batch.nightly.ingest import arrival_counts
 from siren_batch.warehouse import parquet_rows, read_table, write_table
 
 
@@ -29,16 +28,25 @@ def _frames(spark, with_items: bool):
 
 
 @pytest.mark.parametrize("with_items", [True, False])
-def test_arrival_counts_equal_ingest_counts(spark, with_items):
+def test_ingest_counts_equal_the_counts_one_by_one(spark, with_items):
     raw, raw_items, kept, items, rejects = _frames(spark, with_items)
-    expected = data.ingest_counts({"interactions": raw.count(), "items": raw_items.count()}, kept, items, rejects)
-    assert arrival_counts(raw, raw_items, kept, items, rejects) == expected
+    kept = kept.withColumn("split", F.when(F.col("ts") == 3, "test").otherwise(F.col("split")))
+    reasons = {(r.source, r.reason.split(":")[0]): r["count"] for r in rejects.groupBy("source", "reason").count().collect()}
+    counts = data.ingest_counts(raw, raw_items, kept, items, rejects)
+    for source, frames in {"interactions": (raw, kept), "items": (raw_items, items)}.items():
+        assert counts[f"input_{source}"] == frames[0].count() and counts[f"kept_{source}"] == frames[1].count()
+        assert counts[f"rejected_{source}"] == sum(n for (s, _), n in reasons.items() if s == source)
+        for reason in data.REJECT_REASONS[source]:
+            assert counts[f"rejected_{source}_{reason}"] == reasons.get((source, reason), 0)
+    assert counts["rejected_interactions_missing_id"] == 1                  # the code, not "missing_id: user_id"
+    assert (counts["users"], counts["interacted_items"]) == (2, 2)
+    assert (counts["split_train"], counts["split_valid"], counts["split_test"]) == (2, 0, 1)
 
 
-def test_arrival_counts_catch_lost_rows(spark):
+def test_ingest_counts_catch_lost_rows(spark):
     raw, raw_items, kept, items, rejects = _frames(spark, True)
     with pytest.raises(RuntimeError, match="interactions: input 5 != kept 2"):
-        arrival_counts(raw, raw_items, kept.limit(2), items, rejects)
+        data.ingest_counts(raw, raw_items, kept.limit(2), items, rejects)
 
 
 def test_parquet_rows_from_footers(spark, cfg):

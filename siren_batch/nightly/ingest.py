@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas
@@ -71,7 +71,7 @@ def ingest_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) 
 
 def _ingest_arrivals(spark: SparkSession, cfg: Config, night: Night, night_cfg: Config, has_items: bool) -> dict:
     """A later night: validate the arrivals, write tonight's partitions, merge them into
-    items and interactions; returns the ingest counts (as data.ingest_counts)."""
+    items and interactions; returns data.ingest_counts."""
     from siren_batch import data, validate
     from siren_batch.readers.table import read_table_interactions, read_table_items
 
@@ -90,7 +90,7 @@ def _ingest_arrivals(spark: SparkSession, cfg: Config, night: Night, night_cfg: 
         rating_max=cfg.data.rating_max, ts_unit=cfg.data.ts_unit)
     delta = kept.withColumn("split", F.lit("train")).persist()
     rejects = item_rejects.unionByName(inter_rejects).persist()
-    counts = arrival_counts(raw, raw_items, delta, new_items, rejects)   # raises unless input = kept + rejected
+    counts = data.ingest_counts(raw, raw_items, delta, new_items, rejects)   # raises unless input = kept + rejected
     kept_n = {source: counts[f"kept_{source}"] for source in ("interactions", "items")}
     # Arrivals first (they read the old items), then each table from the stored
     # one and tonight's partition: every write reads only what is not yet replaced.
@@ -107,45 +107,6 @@ def _ingest_arrivals(spark: SparkSession, cfg: Config, night: Night, night_cfg: 
     if kept_n["interactions"]:
         _add_interactions(spark, cfg, night)
     data.check_reject_fraction(counts, cfg.data.max_reject_fraction)
-    return counts
-
-
-def arrival_counts(raw: DataFrame, raw_items: DataFrame, interactions: DataFrame, items: DataFrame,
-                   rejects: DataFrame) -> dict[str, int]:
-    """data.ingest_counts for a night's arrivals (every kept row in split train), in one
-    aggregation instead of six actions: on a night's few rows, each job's fixed cost is the cost."""
-    from siren_batch.data import REJECT_REASONS
-    from siren_batch.validate import reason_code
-
-    def tag(df: DataFrame, kind: str, source, reason=None, ids: bool = False) -> DataFrame:
-        none = F.lit(None).cast("string")
-        return df.select(F.lit(kind).alias("kind"), (F.lit(source) if isinstance(source, str) else source)
-                         .alias("source"), (reason if reason is not None else none).alias("reason"),
-                         (F.col("user_id") if ids else none).alias("user_id"),
-                         (F.col("item_id") if ids else none).alias("item_id"))
-
-    tagged = (tag(raw, "input", "interactions")
-              .unionByName(tag(raw_items, "input", "items"))
-              .unionByName(tag(interactions, "kept", "interactions", ids=True))
-              .unionByName(tag(items, "kept", "items"))
-              .unionByName(tag(rejects, "rejected", F.col("source"), reason_code(F.col("reason")))))
-    groups = {(r["kind"], r["source"], r["reason"]): r for r in tagged.groupBy("kind", "source", "reason").agg(
-        F.count(F.lit(1)).alias("n"), F.countDistinct("user_id").alias("users"),
-        F.countDistinct("item_id").alias("interacted_items")).collect()}
-    counts: dict[str, int] = {}
-    for source, reasons in REJECT_REASONS.items():
-        n_in, n_kept = (int(groups[(kind, source, None)]["n"]) if (kind, source, None) in groups else 0
-                        for kind in ("input", "kept"))
-        by_reason = {reason: int(r["n"]) for (k, s, reason), r in groups.items() if k == "rejected" and s == source}
-        counts.update({f"input_{source}": n_in, f"kept_{source}": n_kept,
-                       f"rejected_{source}": sum(by_reason.values())})
-        counts.update({f"rejected_{source}_{reason}": by_reason.get(reason, 0) for reason in reasons})
-        if n_in != n_kept + counts[f"rejected_{source}"]:  # a bug, never data
-            raise RuntimeError(f"{source}: input {n_in} != kept {n_kept} + rejected {counts[f'rejected_{source}']}")
-    kept = groups.get(("kept", "interactions", None))
-    counts.update({"users": int(kept["users"]) if kept else 0,
-                   "interacted_items": int(kept["interacted_items"]) if kept else 0})
-    counts.update({f"split_{s}": counts["kept_interactions"] if s == "train" else 0 for s in schemas.SPLITS})
     return counts
 
 
