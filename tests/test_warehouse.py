@@ -53,3 +53,20 @@ def test_append_adds_one_file_and_keeps_the_rows(spark, cfg):
     assert len(added) == 1    # one rename: readers see all three rows or none
     assert sorted(r.k for r in W.read_table(spark, cfg, "t", SCHEMA).collect()) == [f"k{k}" for k in range(8)]
     assert not W.list_dir(spark, f"{cfg.warehouse}/{cfg.dataset}/_staging")
+
+
+def test_sweep_staging_removes_old_leftovers_only(spark, cfg):
+    import os
+    import time
+    from pathlib import Path
+
+    root = Path(cfg.warehouse) / cfg.dataset / "_staging"
+    old = time.time() - W.STAGING_MAX_AGE_S - 60
+    for name in ("items-1a2b3c4d", "interactions-append-9f8e7d6c", "ratings-2030-01-01", "sketches-fresh0001"):
+        (root / name).mkdir(parents=True)
+        (root / name / "part-0.parquet").write_text("x")
+        if "fresh" not in name:
+            os.utime(root / name, (old, old))
+    assert W.sweep_staging(spark, cfg) == ["interactions-append-9f8e7d6c", "items-1a2b3c4d"]
+    assert sorted(p.name for p in root.iterdir()) == ["ratings-2030-01-01", "sketches-fresh0001"]   # resumable, live
+    assert W.sweep_staging(spark, cfg) == []

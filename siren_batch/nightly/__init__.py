@@ -32,7 +32,8 @@ date does nothing unless `--redo` (then every step runs again: same tables, no
 duplicates). Each step also appends a `runs` row (stage nightly-<step>) with what
 it read and wrote. Tables are swapped into place whole (siren_batch.warehouse), so
 readers never see a half-written table or partition, and `_nightly/latest.json`
-names the last complete night.
+names the last complete night. A night first removes the staging leftovers of
+killed runs that are a day old (warehouse.sweep_staging).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from siren_batch.nightly.ingest import ingest_step
 from siren_batch.nightly.night import Night, check_run_date, day_end_ms, state_dir
 from siren_batch.nightly.refresh import embed_step, sketches_step, topics_step
 from siren_batch.nightly.serve import evaluate_step, report_step, score_step
-from siren_batch.warehouse import delete_path, list_dir, path_exists, read_text, run_record, table_exists, write_text
+from siren_batch.warehouse import (delete_path, list_dir, path_exists, read_text, run_record, sweep_staging,
+                                   table_exists, write_text)
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ def run_night(spark: SparkSession, cfg: Config, run_date: str, *, redo: bool = F
             if name.endswith(".json") and name != "plan.json":
                 delete_path(spark, f"{folder}/{name}")
     night = _plan(spark, cfg, run_date)
+    sweep_staging(spark, cfg)   # what killed runs left behind, a day old or more
     out: dict = {"run_date": run_date, "bootstrap": night.bootstrap}
     for step in STEPS:
         marker = f"{folder}/{step}.json"
