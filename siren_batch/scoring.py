@@ -57,6 +57,23 @@ def results_to_frame(batch: "pd.DataFrame", results: list[ScoreResult], backend:
     }, columns=list(SCORED_COLUMNS))
 
 
+# Settings that choose the work, not the model: another night or candidates file must reuse
+# a worker's loaded model, not load a second one beside it.
+NOT_BACKEND = ("candidates", "variant", "run_date", "limit", "partitions", "chunk_rows", "progress_every_s")
+
+
+def backend_key(cfg: ScoreConfig) -> str:
+    """The model-cache key of a scoring backend: every score setting but NOT_BACKEND.
+
+    >>> backend_key(ScoreConfig(run_date="2026-01-01")) == backend_key(ScoreConfig(run_date="2026-01-02"))
+    True
+    >>> backend_key(ScoreConfig()) == backend_key(ScoreConfig(dtype="float32"))
+    False
+    """
+    kept = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_BACKEND}
+    return f"scoring.backend:{kept!r}"
+
+
 def make_predict_fn(cfg: ScoreConfig, timers: StageTimers | None = None
                     ) -> Callable[["pd.DataFrame"], "pd.DataFrame"]:
     """Loader closure: the backend loads once per Python worker (model_cache), then
@@ -67,7 +84,7 @@ def make_predict_fn(cfg: ScoreConfig, timers: StageTimers | None = None
     # executors running the shipped zip cannot locate (on a cluster it must sit on storage
     # every executor reaches, or be a hub id).
     cfg = dataclasses.replace(cfg, model=resolve_llm(cfg.model))
-    key = f"scoring.backend:{cfg!r}"
+    key = backend_key(cfg)
     timers = timers or StageTimers()
 
     def predict(batch: "pd.DataFrame") -> "pd.DataFrame":
