@@ -36,10 +36,10 @@ _RECENT_ARRAY = T.ArrayType(schemas.RECENT, False)
 
 def _topic_list(topics: DataFrame) -> list[tuple[int, str]]:
     """(topic_id, name) of every topic, sorted by id: K comes from the data."""
-    rows = topics.select("topic_id", "name").orderBy("topic_id").collect()
+    rows = topics.select("topic_id", "name").collect()   # K rows: sorted here, not by a Spark sort's jobs
     if not rows:
         raise ValueError("topics table is empty: run the topics stage before the sketches stage")
-    return [(int(r.topic_id), r.name) for r in rows]
+    return sorted((int(r.topic_id), r.name) for r in rows)
 
 
 def _enriched(interactions: DataFrame, items: DataFrame, item_topics: DataFrame) -> DataFrame:

@@ -103,6 +103,15 @@ def validate_interactions(raw: DataFrame, items: DataFrame, *, rating_min: float
     the raw row; rejects has the REJECTS columns. Of rows with the same user_id and
     item_id the latest by ts is kept (ties: higher rating, then the raw record text).
     """
+    return split_marked(mark_interactions(raw, items, rating_min=rating_min, rating_max=rating_max,
+                                          ts_unit=ts_unit, source_split=source_split), "interactions")
+
+
+def mark_interactions(raw: DataFrame, items: DataFrame, *, rating_min: float, rating_max: float,
+                      ts_unit: str = "ms", source_split: bool = False) -> DataFrame:
+    """validate_interactions before the split: every raw row once, with the kept
+    columns and `reason` (null when kept). Only items.item_id is read. Materialise it
+    (localCheckpoint) when both halves are used, so the checks run once."""
     rating = F.col("rating").try_cast("double")
     ts = parse_ts("ts", ts_unit)
     checks = [
@@ -126,9 +135,17 @@ def validate_interactions(raw: DataFrame, items: DataFrame, *, rating_min: float
     df = (df.join(known, on="item_id", how="left")
           .withColumn("reason", F.when(F.col("reason").isNull() & F.col("_known").isNull(),
                                        F.lit("unknown_item")).otherwise(F.col("reason"))))
-    kept = df.where(F.col("reason").isNull()).select(
-        "user_id", "item_id", "rating", "ts", "split", "record")
-    return kept, _rejects(df, "interactions")
+    return df.select(*KEPT_COLUMNS["interactions"], "reason")
+
+
+KEPT_COLUMNS = {"interactions": ("user_id", "item_id", "rating", "ts", "split", "record"),
+                "items": ("item_id", "title", "genres", "text")}
+
+
+def split_marked(df: DataFrame, source: str) -> tuple[DataFrame, DataFrame]:
+    """(kept, rejects) of a mark_* frame: rows without a reason with the source's
+    kept columns, and the others as REJECTS."""
+    return df.where(F.col("reason").isNull()).select(*KEPT_COLUMNS[source]), _rejects(df, source)
 
 
 def validate_items(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
@@ -137,6 +154,11 @@ def validate_items(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
     Of rows with the same item_id the first by (title, genres, record) is kept.
     A blank genres value becomes null.
     """
+    return split_marked(mark_items(raw), "items")
+
+
+def mark_items(raw: DataFrame) -> DataFrame:
+    """validate_items before the split (as mark_interactions)."""
     checks = [
         _reader_defect(),
         ("missing_id", _blank("item_id")),
@@ -148,8 +170,7 @@ def validate_items(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
           .withColumn("genres", F.when(~_blank("genres"), F.trim("genres"))))
     df = _mark_duplicates(df, ["item_id"],
                           [F.col("title"), F.col("genres").asc_nulls_last(), F.col("record")])
-    items = df.where(F.col("reason").isNull()).select("item_id", "title", "genres", "text")
-    return items, _rejects(df, "items")
+    return df.select(*KEPT_COLUMNS["items"], "record", "reason")
 
 
 def kcore_filter(df: DataFrame, k: int) -> tuple[DataFrame, DataFrame]:

@@ -107,13 +107,18 @@ def move_path(spark: SparkSession, src: str, dst: str) -> None:
 
 
 def write_text(spark: SparkSession, path: str, text: str) -> None:
-    """Write a small text file whole: into a hidden file beside it, then renamed over
-    it, so a driver killed mid-write never leaves a marker that exists but is empty."""
+    """Write a small text file whole (see write_bytes)."""
+    write_bytes(spark, path, text.encode("utf-8"))
+
+
+def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
+    """Write a small file whole: into a hidden file beside it, then renamed over it,
+    so a driver killed mid-write never leaves a file that exists but is cut short."""
     fs, hpath = _fs_path(spark, path)
     tmp = hpath.getParent().suffix(f"/.{hpath.getName()}.{uuid.uuid4().hex[:8]}.tmp")
     stream = fs.create(tmp, True)
     try:
-        stream.write(bytearray(text.encode("utf-8")))
+        stream.write(bytearray(data))
     finally:
         stream.close()
     if fs.exists(hpath):
@@ -284,12 +289,41 @@ def run_record(spark: SparkSession, cfg: Config, stage: str, run_id: str | None 
 
 
 def append_run(spark: SparkSession, cfg: Config, record: RunRecord) -> None:
+    """Add the record to `runs` as one small Parquet file, built in the driver and
+    renamed into the table (write_bytes): no Spark job, which for one row costs
+    more than the stage it records when a night has little to do."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     row = (record.run_id, record.stage, cfg.dataset, cfg.hash(), record.started_at,
            float(record.duration_s), int(record.input_rows), int(record.output_rows),
            int(record.rejected_rows), record.status, ",".join(record.reads) or None,
            ",".join(record.writes) or None)
-    (spark.createDataFrame([row], schemas.RUNS).coalesce(1)
-     .write.mode("append").parquet(cfg.table_path("runs")))
+    schema = arrow_schema(schemas.RUNS)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist([dict(zip(schema.names, row))], schema=schema), buffer)
+    write_bytes(spark, f"{cfg.table_path('runs')}/part-{record.run_id}-{uuid.uuid4().hex[:8]}.parquet",
+                buffer.getvalue().to_pybytes())
     logger.info("run %s %s: %s in %.1fs (in=%d out=%d rejected=%d)", record.stage, record.run_id,
                 record.status, record.duration_s, record.input_rows, record.output_rows,
                 record.rejected_rows)
+
+
+_ARROW_TYPES = {"string": "string", "double": "float64", "bigint": "int64", "int": "int32"}
+
+
+def arrow_schema(schema: T.StructType):
+    """The Arrow schema of a flat Spark schema (the types a driver-written table uses).
+
+    >>> arrow_schema(T.StructType([T.StructField("n", T.LongType(), False)]))
+    n: int64 not null
+    """
+    import pyarrow as pa
+
+    fields = []
+    for f in schema.fields:
+        name = _ARROW_TYPES.get(f.dataType.simpleString())
+        if name is None:
+            raise TypeError(f"arrow_schema: no Arrow type for {f.name} {f.dataType.simpleString()}")
+        fields.append(pa.field(f.name, pa.type_for_alias(name), nullable=f.nullable))
+    return pa.schema(fields)

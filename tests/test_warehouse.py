@@ -36,6 +36,30 @@ def test_run_record_appends_even_on_failure(spark, cfg):
     assert runs["boom"].status == "failed"
 
 
+def test_run_records_are_written_by_the_driver_and_read_by_every_reader(spark, cfg):
+    """A night appends a runs row per step: built in the driver, no Spark job; the
+    file must still read as the RUNS schema in Spark and pandas, nothing left hidden."""
+    import pandas as pd
+    from pathlib import Path
+
+    from siren_batch import schemas
+
+    sc = spark.sparkContext
+    sc.setJobGroup("append-run-test", "append-run-test")
+    try:
+        for stage in ("a", "b"):
+            W.append_run(spark, cfg, W.RunRecord(stage=stage, input_rows=5, output_rows=4, rejected_rows=1,
+                                                 reads=["x", "y"]))
+        assert sc.statusTracker().getJobIdsForGroup("append-run-test") == []
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    runs = W.read_table(spark, cfg, "runs", schemas.RUNS).orderBy("stage").collect()
+    assert [(r.stage, r.input_rows, r.output_rows, r.rejected_rows, r.reads, r.writes) for r in runs] == \
+        [("a", 5, 4, 1, "x,y", None), ("b", 5, 4, 1, "x,y", None)]
+    assert list(pd.read_parquet(cfg.table_path("runs")).columns) == schemas.RUNS.names
+    assert [p.name for p in Path(cfg.table_path("runs")).iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_text_round_trip_for_hidden_marker_files(spark, cfg):
     path = f"{cfg.warehouse}/x/_marker"
     W.write_text(spark, path, "abc\ndef")

@@ -75,21 +75,23 @@ def _ingest_arrivals(spark: SparkSession, cfg: Config, night: Night, night_cfg: 
     from siren_batch import data, validate
     from siren_batch.readers.table import read_table_interactions, read_table_items
 
+    # Each input is validated once into a small materialised frame (localCheckpoint):
+    # the partitions and the counts below all read it, not the checks again.
     if has_items:
         raw_items = read_table_items(spark, night_cfg)
-        new_items, item_rejects = validate.validate_items(raw_items)
+        new_items, item_rejects = validate.split_marked(validate.mark_items(raw_items).localCheckpoint(), "items")
     else:
         raw_items = spark.createDataFrame([], "item_id string")
         new_items = spark.createDataFrame([], schemas.ITEMS)
         item_rejects = spark.createDataFrame([], schemas.REJECTS)
-    new_items = new_items.persist()
     stored_items = read_table(spark, cfg, "items", schemas.ITEMS)
     raw = read_table_interactions(spark, night_cfg)
-    kept, inter_rejects = validate.validate_interactions(
-        raw, _merge(stored_items, new_items, ["item_id"]), rating_min=cfg.data.rating_min,
-        rating_max=cfg.data.rating_max, ts_unit=cfg.data.ts_unit)
-    delta = kept.withColumn("split", F.lit("train")).persist()
-    rejects = item_rejects.unionByName(inter_rejects).persist()
+    known = stored_items.select("item_id").unionByName(new_items.select("item_id"))   # only ids are checked
+    marked = validate.mark_interactions(raw, known, rating_min=cfg.data.rating_min,
+                                        rating_max=cfg.data.rating_max, ts_unit=cfg.data.ts_unit).localCheckpoint()
+    kept, inter_rejects = validate.split_marked(marked, "interactions")
+    delta = kept.withColumn("split", F.lit("train"))
+    rejects = item_rejects.unionByName(inter_rejects)
     counts = data.ingest_counts(raw, raw_items, delta, new_items, rejects)   # raises unless input = kept + rejected
     kept_n = {source: counts[f"kept_{source}"] for source in ("interactions", "items")}
     # Arrivals first (they read the old items), then each table from the stored
@@ -99,8 +101,6 @@ def _ingest_arrivals(spark: SparkSession, cfg: Config, night: Night, night_cfg: 
     _write_partition(new_items, kept_n["items"], cfg, "arrived_items", ARRIVED_ITEMS, night.run_date)
     _write_partition(delta, kept_n["interactions"], cfg, "arrived_interactions", ARRIVED_INTERACTIONS,
                      night.run_date)
-    for df in (new_items, delta, rejects):
-        df.unpersist()
     if kept_n["items"]:
         write_table(_merge(stored_items, _partition(spark, cfg, "arrived_items", ARRIVED_ITEMS, night.run_date),
                            ["item_id"]), cfg, "items", schemas.ITEMS)
