@@ -57,57 +57,69 @@ def _enriched(interactions: DataFrame, items: DataFrame, item_topics: DataFrame)
     )
 
 
+def _sql_string(text: str) -> str:
+    """A Spark SQL string literal.
+
+    >>> print(_sql_string("it's a \\\\ b"))
+    'it\\'s a \\\\ b'
+    """
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# The per-topic columns below are written as Spark SQL text, one expression per
+# column: built with Column calls they cost thousands of Python-to-JVM calls per
+# plan (about a second of a small night), as SQL a handful.
+
 def _aggregates(topic_ids: list[int], cfg: SketchesConfig) -> list[tuple[str, Column]]:
-    """(column name, aggregate) pairs, usable over a window or in a groupBy."""
-    aggs = [("n_history", F.count(F.lit(1))), ("_rating_sum", F.sum("rating"))]
+    """(column name, aggregate) pairs, usable over a window or in a groupBy: n_history,
+    the rating sum, and per topic i the count (_n{i}) and rating sum (_s{i}), and for
+    the majority rule the count of ratings >= theta (_p{i})."""
+    aggs = [("n_history", "count(1)"), ("_rating_sum", "sum(rating)")]
     for i, k in enumerate(topic_ids):
-        in_k = F.col("topic_id") == F.lit(k)
-        aggs.append((f"_n{i}", F.count(F.when(in_k, True))))
-        aggs.append((f"_s{i}", F.sum(F.when(in_k, F.col("rating")))))
+        in_k = f"topic_id = {int(k)}"
+        aggs.append((f"_n{i}", f"count(CASE WHEN {in_k} THEN true END)"))
+        aggs.append((f"_s{i}", f"sum(CASE WHEN {in_k} THEN rating END)"))
         if cfg.rule == "majority":
-            positive = in_k & (F.col("rating") >= F.lit(cfg.theta))
-            aggs.append((f"_p{i}", F.count(F.when(positive, True))))
-    return aggs
+            aggs.append((f"_p{i}", f"count(CASE WHEN {in_k} AND rating >= {_double(cfg.theta)} THEN true END)"))
+    return [(name, F.expr(sql)) for name, sql in aggs]
 
 
-def _topic_arrays(topics: list[tuple[int, str]], cfg: SketchesConfig) -> tuple[Column, Column | None]:
-    """One schemas.TOPIC_STAT per topic (count 0 included) in topic_id order, and
-    for the majority rule the per-topic #(rating >= theta) beside it."""
-    stats = []
-    for i, (topic_id, name) in enumerate(topics):
-        count = F.col(f"_n{i}")
-        # the coalesce makes mean non-nullable, as the table schema declares it
-        mean = F.coalesce(F.when(count > 0, F.col(f"_s{i}") / count), F.lit(0.0))
-        stats.append(F.struct(F.lit(topic_id).cast("int").alias("topic_id"), F.lit(name).alias("name"),
-                              count.cast("long").alias("count"), mean.alias("mean")))
-    positives = F.array(*[F.col(f"_p{i}") for i in range(len(topics))]) if cfg.rule == "majority" else None
-    return F.array(*stats), positives
+def _double(x: float) -> str:
+    return f"CAST({float(x)!r} AS DOUBLE)"
 
 
-def _sorted(stats: Column, ascending_mean: bool) -> Column:
-    """Sort by (mean desc|asc, count desc, topic_id)."""
-    def key(s: Column) -> Column:
-        mean = s["mean"] if ascending_mean else -s["mean"]
-        return F.struct(mean.alias("k1"), (-s["count"]).alias("k2"), s["topic_id"].alias("k3"),
-                        s.alias("stat"))
-    return F.transform(F.sort_array(F.transform(stats, key)), lambda x: x["stat"])
+def _topic_array(topics: list[tuple[int, str]]) -> str:
+    """SQL: one schemas.TOPIC_STAT per topic (count 0 included) in topic_id order; the
+    mean is 0.0 for count 0, so that it is non-null as the table schema declares."""
+    stats = [f"named_struct('topic_id', CAST({int(topic_id)} AS INT), 'name', {_sql_string(name)}, "
+             f"'count', CAST(_n{i} AS BIGINT), 'mean', coalesce(CASE WHEN _n{i} > 0 THEN _s{i} / _n{i} END, 0.0D))"
+             for i, (topic_id, name) in enumerate(topics)]
+    return f"array({', '.join(stats)})"
+
+
+def _sorted(stats: str, ascending_mean: bool) -> str:
+    """SQL: stats sorted by (mean desc|asc, count desc, topic_id)."""
+    mean = "s.mean" if ascending_mean else "-s.mean"
+    return (f"transform(sort_array(transform({stats}, s -> named_struct('k1', {mean}, 'k2', -s.count, "
+            f"'k3', s.topic_id, 'stat', s))), x -> x.stat)")
 
 
 def _body(topics: list[tuple[int, str]], cfg: SketchesConfig) -> list[Column]:
     """topic_stats, liked and disliked from the aggregate columns of _aggregates.
     (Measured: rebuilding the small topic array inline per use is cheaper here than
     materialising it as a column, which Spark then re-reads element by element.)"""
-    every, positives = _topic_arrays(topics, cfg)
-    theta = F.lit(cfg.theta)
-    if positives is not None:  # reference code: #(rating >= theta) against the rest, ties dropped
-        liked = F.filter(every, lambda s, i: F.get(positives, i) > s["count"] - F.get(positives, i))
-        disliked = F.filter(every, lambda s, i: s["count"] - F.get(positives, i) > F.get(positives, i))
+    every, theta = _topic_array(topics), _double(cfg.theta)
+    if cfg.rule == "majority":  # reference code: #(rating >= theta) against the rest, ties dropped
+        positives = f"array({', '.join(f'_p{i}' for i in range(len(topics)))})"
+        pos = f"get({positives}, i)"
+        liked = f"filter({every}, (s, i) -> {pos} > s.count - {pos})"
+        disliked = f"filter({every}, (s, i) -> s.count - {pos} > {pos})"
     else:  # paper: mean rating against theta (a topic with count 0 has no mean)
-        liked = F.filter(every, lambda s: (s["count"] > 0) & (s["mean"] >= theta))
-        disliked = F.filter(every, lambda s: (s["count"] > 0) & (s["mean"] > 0) & (s["mean"] < theta))
-    return [F.filter(every, lambda s: s["count"] > 0).alias("topic_stats"),  # stays in topic_id order
-            _sorted(liked, ascending_mean=False).alias("liked"),
-            _sorted(disliked, ascending_mean=True).alias("disliked")]
+        liked = f"filter({every}, s -> s.count > 0 AND s.mean >= {theta})"
+        disliked = f"filter({every}, s -> s.count > 0 AND s.mean > 0 AND s.mean < {theta})"
+    return [F.expr(f"filter({every}, s -> s.count > 0)").alias("topic_stats"),  # stays in topic_id order
+            F.expr(_sorted(liked, ascending_mean=False)).alias("liked"),
+            F.expr(_sorted(disliked, ascending_mean=True)).alias("disliked")]
 
 
 def _user_mean() -> Column:

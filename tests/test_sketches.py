@@ -148,6 +148,17 @@ def test_liked_ties_break_on_topic_id(spark):
     assert [s.topic_id for s in out[0].liked] == [2, 0, 1]
 
 
+def test_topic_names_keep_quotes_and_backslashes(spark):
+    # Topic names come from item text (topic_names.py); the sketch columns are built as SQL text.
+    inter, items, topics_of, _ = _frames(spark, [("u", "a", 5, 1, "train"), ("u", "b", 1, 2, "train")],
+                                         {"a": 0, "b": 1})
+    names = {0: "it's \\d+ \"noir\"", 1: "a\\'b"}
+    topics = spark.createDataFrame([(k, n, 1, [0.0]) for k, n in names.items()], schemas.TOPICS)
+    row = serving_sketches(inter, items, topics_of, topics, SketchesConfig()).first()
+    assert _names(row.topic_stats) == [names[0], names[1]]
+    assert _names(row.liked) == [names[0]] and _names(row.disliked) == [names[1]]
+
+
 def test_empty_topics_fail_loudly(spark):
     inter, items, topics_of, topics = _frames(spark, TIMELINE, TOPIC_OF)
     with pytest.raises(ValueError, match="topics table is empty"):
