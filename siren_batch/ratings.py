@@ -106,7 +106,8 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
 
     run_date = cfg.score.run_date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     load_if_present(cfg)  # a calibrator fit for other settings fails here, not after the scoring
-    trained_prefill = training_meta(cfg).get("think_prefill")
+    training = training_meta(cfg)
+    trained_prefill = training.get("think_prefill")
     if cfg.score.mode == "cot" and trained_prefill is not None and trained_prefill != cfg.prompts.think_prefill:
         logger.warning("the model was trained with prompts.think_prefill=%s, scored with %s: set "
                        "prompts.think_prefill=%s for the prompts it learned", trained_prefill,
@@ -147,7 +148,8 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
                 move_path(spark, tmp, f"{staging}/chunks/{name}")
                 progress.update(parquet_rows(spark, f"{staging}/chunks/{name}"))
         with timers.phase("finish"):
-            summary = _finish(spark, cfg, staging, bad_pairs, run_date, prompt_template_hash(), rec.run_id)
+            summary = _finish(spark, cfg, staging, bad_pairs, run_date, prompt_template_hash(), rec.run_id,
+                              training)
         pairs.unpersist()
         rec.output_rows, rec.rejected_rows = summary["rows"], summary["errors"]
         if summary["rows"] != total:
@@ -192,7 +194,7 @@ def _check_staging(spark: SparkSession, staging: str, cfg: Config) -> None:
 
 
 def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: str,
-            template_hash: str, run_id: str) -> dict:
+            template_hash: str, run_id: str, training: dict) -> dict:
     from siren_batch.calibration import CALIBRATED, apply_calibrator, calibrator_dir, load_if_present
 
     meta = {"prompt_template_hash": F.lit(template_hash), "run_id": F.lit(run_id),
@@ -204,7 +206,6 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
     for extra in parts[1:]:
         out = out.unionByName(extra, allowMissingColumns=True)
     out = out.withColumn("model_id", F.coalesce("model_id", F.lit(cfg.score.model)))
-    training = training_meta(cfg)
     if training.get("target") == "residual":
         logger.info("residual model: adding the user+item bias prediction back to its ratings")
         out = add_base_back(spark, cfg, out, training)

@@ -224,9 +224,3 @@ def leave_last_out_split(df: DataFrame) -> DataFrame:
              .when(rank == 2, F.lit("valid"))
              .otherwise(F.lit("train")))
     return df.withColumn("split", split)
-
-
-def reason_counts(rejects: DataFrame) -> dict[tuple[str, str], int]:
-    """{(source, reason code): rows} of a REJECTS frame (one small aggregation)."""
-    rows = rejects.groupBy("source", reason_code(F.col("reason")).alias("reason")).count().collect()
-    return {(r["source"], r["reason"]): int(r["count"]) for r in rows}

@@ -56,3 +56,15 @@ def test_parquet_rows_from_footers(spark, cfg):
     items = spark.createDataFrame([(f"i{n}", "t", None, "t") for n in range(11)], schemas.ITEMS)
     rows = write_table(items.repartition(3), cfg, "items", schemas.ITEMS)
     assert rows == 11 == read_table(spark, cfg, "items", schemas.ITEMS).count()
+
+
+@pytest.mark.parametrize("fresh_rows", [2, 10**9])   # keys broadcast, or (a huge night) left to Spark
+def test_merge_replaces_stored_rows_by_key(spark, fresh_rows):
+    from siren_batch.nightly.night import _merge
+
+    stored = spark.createDataFrame([("u1", "i1", 1.0), ("u1", "i2", 2.0), ("u2", "i1", 3.0)],
+                                   "user_id string, item_id string, rating double")
+    fresh = spark.createDataFrame([("u1", "i2", 5.0), ("u3", "i1", 4.0)], "user_id string, item_id string, rating double")
+    merged = _merge(stored, fresh, ["user_id", "item_id"], fresh_rows)
+    assert sorted(tuple(r) for r in merged.collect()) == [("u1", "i1", 1.0), ("u1", "i2", 5.0), ("u2", "i1", 3.0),
+                                                          ("u3", "i1", 4.0)]

@@ -11,8 +11,8 @@ from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.config import Config, ConfigError
-from siren_batch.nightly.night import (ARRIVED_INTERACTIONS, ARRIVED_ITEMS, NIGHT_REJECTS, Night, _merge,
-                                       _partition, _write_partition)
+from siren_batch.nightly.night import (ARRIVED_INTERACTIONS, ARRIVED_ITEMS, BROADCAST_MAX_ROWS, NIGHT_REJECTS,
+                                       Night, _merge, _partition, _write_partition)
 from siren_batch.warehouse import RunRecord, append_table, path_exists, read_table, write_table
 
 logger = logging.getLogger(__name__)
@@ -103,14 +103,14 @@ def _ingest_arrivals(spark: SparkSession, cfg: Config, night: Night, night_cfg: 
                      night.run_date)
     if kept_n["items"]:
         write_table(_merge(stored_items, _partition(spark, cfg, "arrived_items", ARRIVED_ITEMS, night.run_date),
-                           ["item_id"]), cfg, "items", schemas.ITEMS)
+                           ["item_id"], kept_n["items"]), cfg, "items", schemas.ITEMS)
     if kept_n["interactions"]:
-        _add_interactions(spark, cfg, night)
+        _add_interactions(spark, cfg, night, kept_n["interactions"])
     data.check_reject_fraction(counts, cfg.data.max_reject_fraction)
     return counts
 
 
-def _add_interactions(spark: SparkSession, cfg: Config, night: Night) -> None:
+def _add_interactions(spark: SparkSession, cfg: Config, night: Night, arrived_rows: int) -> None:
     """Tonight's arrivals into `interactions`: appended as one file when none of their
     pairs is stored yet (work in proportion to the arrivals), else the table is
     rewritten with the stored rows of those pairs replaced (a re-rating, or a step
@@ -118,10 +118,13 @@ def _add_interactions(spark: SparkSession, cfg: Config, night: Night) -> None:
     arrived = _partition(spark, cfg, "arrived_interactions", ARRIVED_INTERACTIONS, night.run_date)
     stored = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
     keys = ["user_id", "item_id"]
-    overlap = stored.select(*keys).join(F.broadcast(arrived.select(*keys)), on=keys, how="left_semi").limit(1).count()
+    arrived_keys = arrived.select(*keys)
+    if arrived_rows <= BROADCAST_MAX_ROWS:
+        arrived_keys = F.broadcast(arrived_keys)
+    overlap = stored.select(*keys).join(arrived_keys, on=keys, how="left_semi").limit(1).count()
     if overlap:
         logger.info("some arrived pairs are stored already: rewriting interactions with them replaced")
-        write_table(_merge(stored, arrived, keys), cfg, "interactions", schemas.INTERACTIONS)
+        write_table(_merge(stored, arrived, keys, arrived_rows), cfg, "interactions", schemas.INTERACTIONS)
     else:
         append_table(arrived, cfg, "interactions", schemas.INTERACTIONS)
 

@@ -82,8 +82,16 @@ def _partition_rows(spark: SparkSession, cfg: Config, table: str, run_date: str)
     return parquet_rows(spark, path) if path_exists(spark, path) else 0
 
 
-def _merge(stored: DataFrame, fresh: DataFrame, keys: list[str]) -> DataFrame:
-    """stored rows whose keys are not in fresh, plus fresh (fresh wins)."""
-    return stored.join(fresh.select(*keys).distinct(), on=keys, how="left_anti").unionByName(fresh)
+BROADCAST_MAX_ROWS = 1_000_000
+
+
+def _merge(stored: DataFrame, fresh: DataFrame, keys: list[str], fresh_rows: int) -> DataFrame:
+    """stored rows whose keys are not in fresh, plus fresh (fresh wins). A fresh side of
+    at most BROADCAST_MAX_ROWS rows (a night's arrivals) has its keys broadcast, so the
+    stored table is read once instead of shuffled: fewer Spark jobs for a small night."""
+    fresh_keys = fresh.select(*keys)
+    if fresh_rows <= BROADCAST_MAX_ROWS:
+        fresh_keys = F.broadcast(fresh_keys)
+    return stored.join(fresh_keys, on=keys, how="left_anti").unionByName(fresh)
 
 

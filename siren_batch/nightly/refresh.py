@@ -28,7 +28,8 @@ def embed_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -
     arrived = _partition(spark, cfg, "arrived_items", ARRIVED_ITEMS, night.run_date)
     fresh = embed_items(arrived, cfg.embed)
     if not night.bootstrap and table_exists(spark, cfg, "item_embeddings"):
-        fresh = _merge(read_table(spark, cfg, "item_embeddings", schemas.ITEM_EMBEDDINGS), fresh, ["item_id"])
+        fresh = _merge(read_table(spark, cfg, "item_embeddings", schemas.ITEM_EMBEDDINGS), fresh, ["item_id"],
+                       arrived_rows)
     rec.input_rows = arrived_rows
     total = write_table(fresh, cfg, "item_embeddings", schemas.ITEM_EMBEDDINGS)
     rec.output_rows = rec.input_rows
@@ -117,9 +118,10 @@ def sketches_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
                           arrived_items)
     history = interactions.join(F.broadcast(users), on="user_id", how="left_semi")
     fresh = serving_sketches(history, items, item_topics, topic_df, cfg.sketches).localCheckpoint()
-    stored = read_table(spark, cfg, "sketches", schemas.SKETCHES)
-    total = write_table(_merge(stored, fresh, ["user_id"]), cfg, "sketches", schemas.SKETCHES)
     sketched = fresh.agg(F.count(F.lit(1)).alias("users"), F.sum("n_history").alias("history")).first()
+    stored = read_table(spark, cfg, "sketches", schemas.SKETCHES)
+    total = write_table(_merge(stored, fresh, ["user_id"], int(sketched["users"])), cfg, "sketches",
+                        schemas.SKETCHES)
     rec.output_rows = int(sketched["users"])
     rec.input_rows = int(sketched["history"] or 0)   # the history rows read
     return {"users_sketched": rec.output_rows, "sketches": total, "rebuilt_all": False}
