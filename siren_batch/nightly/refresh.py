@@ -10,8 +10,8 @@ from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.config import Config
-from siren_batch.nightly.night import (ARRIVED_INTERACTIONS, ARRIVED_ITEMS, Night, _merge, _partition,
-                                       _partition_rows)
+from siren_batch.nightly.night import (ARRIVED_INTERACTIONS, ARRIVED_ITEMS, BROADCAST_MAX_ROWS, Night, _merge,
+                                       _partition, _partition_rows)
 from siren_batch.warehouse import RunRecord, read_table, table_exists, write_table
 
 logger = logging.getLogger(__name__)
@@ -89,12 +89,13 @@ def topics_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) 
 def changed_users(interactions: DataFrame, arrived_interactions: DataFrame,
                   arrived_items: DataFrame | None) -> DataFrame:
     """Users whose serving sketch changes tonight: those with new interactions, and those
-    who rated an item that arrived (new or changed text, so maybe another topic)."""
+    who rated an item that arrived (new or changed text, so maybe another topic). A user
+    may appear more than once: the caller semi-joins on it (no shuffle for a distinct)."""
     users = arrived_interactions.select("user_id")
     if arrived_items is not None:
         rated = interactions.join(F.broadcast(arrived_items.select("item_id")), on="item_id", how="left_semi")
         users = users.unionByName(rated.select("user_id"))
-    return users.distinct()
+    return users
 
 
 def sketches_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord, *, rebuild_all: bool) -> dict:
@@ -116,7 +117,10 @@ def sketches_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
     users = changed_users(interactions,
                           _partition(spark, cfg, "arrived_interactions", ARRIVED_INTERACTIONS, night.run_date),
                           arrived_items)
-    history = interactions.join(F.broadcast(users), on="user_id", how="left_semi")
+    small = arrived_items is None and _partition_rows(spark, cfg, "arrived_interactions",
+                                                      night.run_date) <= BROADCAST_MAX_ROWS
+    history = interactions.join(F.broadcast(users) if small else F.broadcast(users.distinct()), on="user_id",
+                                how="left_semi")
     fresh = serving_sketches(history, items, item_topics, topic_df, cfg.sketches).localCheckpoint()
     sketched = fresh.agg(F.count(F.lit(1)).alias("users"), F.sum("n_history").alias("history")).first()
     stored = read_table(spark, cfg, "sketches", schemas.SKETCHES)
