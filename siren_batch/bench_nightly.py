@@ -1,6 +1,6 @@
 """`make bench-nightly`: an incremental night against a full rebuild on the same data.
 
-    python -m siren_batch.bench_nightly [--source ml-1m] [--copies 1,3] [--new-fraction 0.01] [key=value ...]
+    python -m siren_batch.bench_nightly [--source ml-1m] [--copies 1,3] [--new-fraction 0.01] [--name N] [key=value ...]
 
 The source's interactions are cut by time: night 1 holds all but the newest
 `--new-fraction` (1%) of them, night 2 the rest, with the items first rated in
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-fraction", type=float, default=0.01, help="share of interactions new in night 2")
     parser.add_argument("--no-chain", action="store_true", help="skip timing sketch-chain at each size")
     parser.add_argument("--work", default="bench/tmp/nightly", help="folder for the inputs and warehouses")
+    parser.add_argument("--name", default="bench-nightly",
+                        help="results file name under notebooks/benchmarks (e.g. bench-nightly-10m for one big size)")
     args, overrides = parser.parse_known_args(argv)
     work = Path(args.work) if Path(args.work).is_absolute() else REPO_ROOT / args.work
     shutil.rmtree(work, ignore_errors=True)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         r = sizes[f"x{copies}"] = _size(spark, source, copies, work / f"x{copies}", args.new_fraction, overrides,
                                         not args.no_chain)
         payload = {"source": args.source, "new_fraction": args.new_fraction, "target": 0.10, "sizes": sizes}
-        path = write_results("bench-nightly", payload, _markdown(payload))   # after every size
+        path = write_results(args.name, payload, _markdown(payload))   # after every size
         logger.info("bench-nightly x%d: night 2 %.1f s vs full rebuild %.1f s (%.1f%%) -> %s", copies,
                     r["night2_incremental"]["seconds"], r["full_rebuild"]["seconds"], 100 * r["night2_over_full"],
                     path)
