@@ -231,27 +231,31 @@ def table_exists(spark: SparkSession, cfg: Config, table: str) -> bool:
 
 
 STAGING_MAX_AGE_S = 24 * 3600
+RESUMABLE_MAX_AGE_S = 7 * 24 * 3600
 
 
-def sweep_staging(spark: SparkSession, cfg: Config, max_age_s: float = STAGING_MAX_AGE_S) -> list[str]:
+def sweep_staging(spark: SparkSession, cfg: Config, max_age_s: float = STAGING_MAX_AGE_S,
+                  resumable_max_age_s: float = RESUMABLE_MAX_AGE_S) -> list[str]:
     """Delete what killed drivers left under `<warehouse>/<dataset>/_staging` (a table's
     or an append's staging folder, an old copy moved aside) once older than max_age_s,
     so a live write of another process is never touched. The score stage's
-    `ratings-<run_date>` folders stay: a rerun of that date resumes from them (and
-    removes them when it finishes). Returns the names deleted."""
+    `ratings-<run_date>` folders, from which a rerun of that date resumes, stay for
+    resumable_max_age_s (a week): a score nobody resumed by then is abandoned.
+    Returns the names deleted."""
     fs, root = _fs_path(spark, f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}/_staging")
     if not fs.exists(root):
         return []
-    cutoff_ms = (time.time() - max_age_s) * 1000
+    now_ms = time.time() * 1000
     gone = []
     for status in fs.listStatus(root):
         name = status.getPath().getName()
-        if not name.startswith("ratings-") and status.getModificationTime() < cutoff_ms:
+        limit_s = resumable_max_age_s if name.startswith("ratings-") else max_age_s
+        if status.getModificationTime() < now_ms - limit_s * 1000:
             fs.delete(status.getPath(), True)
             gone.append(name)
     if gone:
-        logger.info("removed %d staging leftovers of killed runs older than %.0f h: %s", len(gone),
-                    max_age_s / 3600, ", ".join(sorted(gone)))
+        logger.info("removed %d staging leftovers of killed runs (older than %.0f h; score chunks %.0f h): %s",
+                    len(gone), max_age_s / 3600, resumable_max_age_s / 3600, ", ".join(sorted(gone)))
     return sorted(gone)
 
 

@@ -86,11 +86,14 @@ def test_sweep_staging_removes_old_leftovers_only(spark, cfg):
 
     root = Path(cfg.warehouse) / cfg.dataset / "_staging"
     old = time.time() - W.STAGING_MAX_AGE_S - 60
-    for name in ("items-1a2b3c4d", "interactions-append-9f8e7d6c", "ratings-2030-01-01", "sketches-fresh0001"):
+    abandoned = time.time() - W.RESUMABLE_MAX_AGE_S - 60
+    for name in ("items-1a2b3c4d", "interactions-append-9f8e7d6c", "ratings-2030-01-01", "sketches-fresh0001",
+                 "ratings-2029-12-01"):
         (root / name).mkdir(parents=True)
         (root / name / "part-0.parquet").write_text("x")
         if "fresh" not in name:
-            os.utime(root / name, (old, old))
-    assert W.sweep_staging(spark, cfg) == ["interactions-append-9f8e7d6c", "items-1a2b3c4d"]
+            stamp = abandoned if name == "ratings-2029-12-01" else old
+            os.utime(root / name, (stamp, stamp))
+    assert W.sweep_staging(spark, cfg) == ["interactions-append-9f8e7d6c", "items-1a2b3c4d", "ratings-2029-12-01"]
     assert sorted(p.name for p in root.iterdir()) == ["ratings-2030-01-01", "sketches-fresh0001"]   # resumable, live
     assert W.sweep_staging(spark, cfg) == []
