@@ -66,6 +66,15 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _double(x: float) -> str:
+    """A Spark SQL double literal.
+
+    >>> _double(3.5)
+    'CAST(3.5 AS DOUBLE)'
+    """
+    return f"CAST({float(x)!r} AS DOUBLE)"
+
+
 # The per-topic columns below are written as Spark SQL text, one expression per
 # column: built with Column calls they cost thousands of Python-to-JVM calls per
 # plan (about a second of a small night), as SQL a handful.
@@ -82,10 +91,6 @@ def _aggregates(topic_ids: list[int], cfg: SketchesConfig) -> list[tuple[str, Co
         if cfg.rule == "majority":
             aggs.append((f"_p{i}", f"count(CASE WHEN {in_k} AND rating >= {_double(cfg.theta)} THEN true END)"))
     return [(name, F.expr(sql)) for name, sql in aggs]
-
-
-def _double(x: float) -> str:
-    return f"CAST({float(x)!r} AS DOUBLE)"
 
 
 def _topic_array(topics: list[tuple[int, str]]) -> str:

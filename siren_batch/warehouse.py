@@ -298,12 +298,13 @@ def append_run(spark: SparkSession, cfg: Config, record: RunRecord) -> None:
     more than the stage it records when a night has little to do."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from pyspark.sql.pandas.types import to_arrow_schema
 
     row = (record.run_id, record.stage, cfg.dataset, cfg.hash(), record.started_at,
            float(record.duration_s), int(record.input_rows), int(record.output_rows),
            int(record.rejected_rows), record.status, ",".join(record.reads) or None,
            ",".join(record.writes) or None)
-    schema = arrow_schema(schemas.RUNS)
+    schema = to_arrow_schema(schemas.RUNS)
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist([dict(zip(schema.names, row))], schema=schema), buffer)
     write_bytes(spark, f"{cfg.table_path('runs')}/part-{record.run_id}-{uuid.uuid4().hex[:8]}.parquet",
@@ -311,23 +312,3 @@ def append_run(spark: SparkSession, cfg: Config, record: RunRecord) -> None:
     logger.info("run %s %s: %s in %.1fs (in=%d out=%d rejected=%d)", record.stage, record.run_id,
                 record.status, record.duration_s, record.input_rows, record.output_rows,
                 record.rejected_rows)
-
-
-_ARROW_TYPES = {"string": "string", "double": "float64", "bigint": "int64", "int": "int32"}
-
-
-def arrow_schema(schema: T.StructType):
-    """The Arrow schema of a flat Spark schema (the types a driver-written table uses).
-
-    >>> arrow_schema(T.StructType([T.StructField("n", T.LongType(), False)]))
-    n: int64 not null
-    """
-    import pyarrow as pa
-
-    fields = []
-    for f in schema.fields:
-        name = _ARROW_TYPES.get(f.dataType.simpleString())
-        if name is None:
-            raise TypeError(f"arrow_schema: no Arrow type for {f.name} {f.dataType.simpleString()}")
-        fields.append(pa.field(f.name, pa.type_for_alias(name), nullable=f.nullable))
-    return pa.schema(fields)

@@ -11,8 +11,8 @@ from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.config import Config, ConfigError
-from siren_batch.nightly.night import (ARRIVED_INTERACTIONS, ARRIVED_ITEMS, BROADCAST_MAX_ROWS, NIGHT_REJECTS,
-                                       Night, _merge, _partition, _write_partition)
+from siren_batch.nightly.night import (ARRIVED_INTERACTIONS, ARRIVED_ITEMS, NIGHT_REJECTS, Night, _keys, _merge,
+                                       _partition, _write_partition)
 from siren_batch.warehouse import RunRecord, append_table, path_exists, read_table, write_table
 
 logger = logging.getLogger(__name__)
@@ -118,10 +118,7 @@ def _add_interactions(spark: SparkSession, cfg: Config, night: Night, arrived_ro
     arrived = _partition(spark, cfg, "arrived_interactions", ARRIVED_INTERACTIONS, night.run_date)
     stored = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
     keys = ["user_id", "item_id"]
-    arrived_keys = arrived.select(*keys)
-    if arrived_rows <= BROADCAST_MAX_ROWS:
-        arrived_keys = F.broadcast(arrived_keys)
-    overlap = stored.select(*keys).join(arrived_keys, on=keys, how="left_semi").limit(1).count()
+    overlap = stored.select(*keys).join(_keys(arrived, keys, arrived_rows), on=keys, how="left_semi").limit(1).count()
     if overlap:
         logger.info("some arrived pairs are stored already: rewriting interactions with them replaced")
         write_table(_merge(stored, arrived, keys, arrived_rows), cfg, "interactions", schemas.INTERACTIONS)

@@ -85,13 +85,16 @@ def _partition_rows(spark: SparkSession, cfg: Config, table: str, run_date: str)
 BROADCAST_MAX_ROWS = 1_000_000
 
 
+def _keys(df: DataFrame, keys: list[str], rows: int) -> DataFrame:
+    """df's key columns for a semi or anti join, broadcast when df has at most
+    BROADCAST_MAX_ROWS rows (a night's arrivals): the big side is then read once
+    instead of shuffled, fewer Spark jobs for a small night."""
+    out = df.select(*keys)
+    return F.broadcast(out) if rows <= BROADCAST_MAX_ROWS else out
+
+
 def _merge(stored: DataFrame, fresh: DataFrame, keys: list[str], fresh_rows: int) -> DataFrame:
-    """stored rows whose keys are not in fresh, plus fresh (fresh wins). A fresh side of
-    at most BROADCAST_MAX_ROWS rows (a night's arrivals) has its keys broadcast, so the
-    stored table is read once instead of shuffled: fewer Spark jobs for a small night."""
-    fresh_keys = fresh.select(*keys)
-    if fresh_rows <= BROADCAST_MAX_ROWS:
-        fresh_keys = F.broadcast(fresh_keys)
-    return stored.join(fresh_keys, on=keys, how="left_anti").unionByName(fresh)
+    """stored rows whose keys are not in fresh, plus fresh (fresh wins)."""
+    return stored.join(_keys(fresh, keys, fresh_rows), on=keys, how="left_anti").unionByName(fresh)
 
 
