@@ -225,7 +225,8 @@ def _bench(inputs: Path, out: Path, deadline: float) -> dict:
     """make bench-score-gpu on the packed inputs, in a child process with what is left."""
     import torch
 
-    args = [sys.executable, "-m", "siren_batch.bench_gpu", "--inputs", str(inputs), "--name", "bench-score-gpu"]
+    python = [sys.executable, *(["-S"] if sys.flags.no_site else [])]   # the child sees what this process sees
+    args = [*python, "-m", "siren_batch.bench_gpu", "--inputs", str(inputs), "--name", "bench-score-gpu"]
     if not torch.cuda.is_available():   # a CPU rehearsal of the kit: the small shape, few pairs
         args += ["--device", "cpu", "--shapes", "smollm2-135m", "--pairs", "40", "--cot-prompts", "2",
                  "--max-new-tokens", "4", "--layers", "2"]
@@ -269,8 +270,6 @@ def _model(kit: Path, stash: Path, manifest: dict, report: dict) -> Path:
 
 
 def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float) -> dict:
-    import pandas as pd
-
     from siren_batch.config import load_config
     from siren_batch.train.sft import train
 
@@ -279,9 +278,8 @@ def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float
                                   out_dir=str(stash / "trained"), max_minutes=minutes)
     run_dir = stash / "trained" / cfg.dataset / run_cfg.name
     started = time.monotonic()
-    summary = train(pd.read_parquet(folder / "train.parquet"), pd.read_parquet(folder / "valid.parquet"),
-                    run_cfg, run_dir, meta={"dataset": cfg.dataset, "config_hash": cfg.hash(),
-                                            "name": run_cfg.name, "device_name": _device_name()})
+    meta = {"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": run_cfg.name, "device_name": _device_name()}
+    summary = train(_columns(folder / "train.parquet"), _columns(folder / "valid.parquet"), run_cfg, run_dir, meta)
     dest = out / "trained" / cfg.dataset / run_cfg.name
     if dest.exists():
         shutil.rmtree(dest)
@@ -289,6 +287,14 @@ def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float
     shutil.copy(folder / "config.yaml", dest / "config.yaml")
     return {"status": summary["status"], "steps": summary["steps_done"], "examples_seen": summary["examples_seen"],
             "best": summary["best"], "seconds": round(time.monotonic() - started, 1), "minutes_given": round(minutes, 2)}
+
+
+def _columns(path: Path) -> dict:
+    """A Parquet file as a dict of numpy columns (pyarrow only: a GPU machine may lack pandas)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
 # ---- here again: unpack ------------------------------------------------------------------

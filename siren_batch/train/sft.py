@@ -53,16 +53,19 @@ class Encoded:
 
 
 def encode(rows, tokenizer, cfg: TrainConfig) -> Encoded:
-    if len(rows) == 0:
+    """rows: the columns prompt, label, user_id and optionally base, as a pandas DataFrame
+    or a dict of arrays (a GPU machine without pandas)."""
+    prompts = list(rows["prompt"])
+    if not prompts:
         return Encoded([], np.zeros(0), np.zeros(0), np.zeros(0), [], 0)
-    ids = tokenizer(list(rows["prompt"]), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     keep = [i for i, row in enumerate(ids) if 0 < len(row) <= cfg.max_seq_len]
-    labels = rows["label"].to_numpy(dtype=np.float64)[keep]
-    bases = (rows["base"].to_numpy(dtype=np.float64) if "base" in rows else np.full(len(rows), np.nan))[keep]
+    labels = np.asarray(rows["label"], dtype=np.float64)[keep]
+    bases = (np.asarray(rows["base"], dtype=np.float64) if "base" in rows else np.full(len(ids), np.nan))[keep]
     if cfg.target == "residual" and np.isnan(bases).any():
         raise ValueError("train.target=residual needs a `base` (bias prediction) for every row")
     return Encoded([ids[i] for i in keep], labels, bases, objective.model_targets(labels, bases, cfg.target),
-                   [str(u) for u in rows["user_id"].to_numpy()[keep]], len(ids) - len(keep), keep)
+                   [str(u) for u in np.asarray(rows["user_id"])[keep]], len(ids) - len(keep), keep)
 
 
 def build_units(enc: Encoded, cfg: TrainConfig, pack: bool) -> list[batching.Unit]:
