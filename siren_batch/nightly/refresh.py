@@ -117,10 +117,12 @@ def sketches_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
     users = changed_users(interactions,
                           _partition(spark, cfg, "arrived_interactions", ARRIVED_INTERACTIONS, night.run_date),
                           arrived_items)
+    # A small night's users are broadcast as they are; otherwise (a huge night, or users who
+    # rated an arrived item: a popular one may bring millions) Spark plans the distinct users'
+    # join, broadcasting them only when they prove small (no driver-sized broadcast forced).
     small = arrived_items is None and _partition_rows(spark, cfg, "arrived_interactions",
                                                       night.run_date) <= BROADCAST_MAX_ROWS
-    history = interactions.join(F.broadcast(users) if small else F.broadcast(users.distinct()), on="user_id",
-                                how="left_semi")
+    history = interactions.join(F.broadcast(users) if small else users.distinct(), on="user_id", how="left_semi")
     fresh = serving_sketches(history, items, item_topics, topic_df, cfg.sketches).localCheckpoint()
     sketched = fresh.agg(F.count(F.lit(1)).alias("users"), F.sum("n_history").alias("history")).first()
     stored = read_table(spark, cfg, "sketches", schemas.SKETCHES)
