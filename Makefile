@@ -58,9 +58,11 @@ test: model browser
 test-cluster: model
 	$(PY) -m pytest -q -m cluster tests
 
-# The driver killed in every stage of the chain (make test covers ingest, sketches and score).
+# The driver killed in every stage of the chain (make test covers sketches and score), and an
+# executor's Python worker killed mid-score on a standalone cluster.
 test-faults: model
 	$(PY) -m pytest -q tests/test_driver_kill.py
+	$(PY) -m pytest -q -m faults tests/test_cluster.py
 # The benchmark harnesses at a tiny size (bench-score-overhead's kill and restart).
 test-bench: model
 	$(PY) -m pytest -q -m bench tests

@@ -44,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 logger = logging.getLogger(__name__)
 
 KIT_CONF = "conf/gpu-kit.yaml"
@@ -321,7 +323,11 @@ def unpack(results: Path, force: bool = False) -> list[Path]:
         shutil.copytree(run_dir, dest)
         for meta_file in ("training_meta.json", "metrics.json", "best/siren_training.json"):
             _rebase(dest / meta_file, "base_model", local)
+        _rebase(dest / "training_meta.json", "base_model_option", cfg.train.base_model)
         _rebase(dest / "best" / "adapter_config.json", "base_model_name_or_path", local)
+        resolved = yaml.safe_load((dest / "train_config.yaml").read_text())
+        resolved["train"].update(base_model=cfg.train.base_model, out_dir=cfg.train.out_dir)
+        (dest / "train_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         placed.append(dest)
     return placed
 

@@ -235,6 +235,7 @@ def _scoring_workers(root: Path) -> list[tuple[int, int]]:
     return found
 
 
+@pytest.mark.faults   # make test-faults (a second cluster scoring run: about a minute)
 def test_a_python_worker_killed_mid_score_is_retried_and_each_pair_lands_once(ml100k, cluster, tmp_path):
     import signal
     import threading

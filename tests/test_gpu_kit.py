@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from siren_batch import gpu_kit
 from siren_batch.config import load_config, save_config
@@ -95,6 +96,12 @@ def test_run_trains_each_packed_dataset_and_unpack_places_it_here(cfg, tiny_mode
     assert adapter["trained_base_model_name_or_path"] == str(stash / "model")
     for meta in ("training_meta.json", "best/siren_training.json"):
         assert json.loads((dest / meta).read_text())["base_model"] == here
+    assert json.loads((dest / "training_meta.json").read_text())["base_model_option"] == "default"
+    resolved = yaml.safe_load((dest / "train_config.yaml").read_text())["train"]
+    assert (resolved["base_model"], resolved["out_dir"]) == ("default", str(tmp_path / "models"))
+    left = [line for f in dest.rglob("*") if f.suffix in (".json", ".yaml")
+            for line in f.read_text().splitlines() if str(stash) in line]
+    assert left and all('"trained_' in line for line in left)   # device paths stay only as trained_* records
     assert load_config([str(dest / "config.yaml")]).hash() == cfg.hash()
     with pytest.raises(SystemExit, match="exists: pass --force"):
         gpu_kit.unpack(out)
