@@ -202,8 +202,14 @@ def run(kit: Path, out: Path, minutes: float, stash: Path = DEFAULT_STASH) -> di
             shutil.copy(kit / part, stash / part)
     out.mkdir(parents=True, exist_ok=True)
     report = {"kit": kit.name, "minutes": minutes, "device": _device_name(), "steps": {}}
+    path = out / f"gpu_kit-{kit.name}.json"
+
+    def save() -> None:   # after every step: a call cut off at its limit still returns what it did
+        path.write_text(json.dumps(report, indent=1, default=str))
+
     if (kit / "bench").is_dir():
         report["steps"]["bench"] = _bench(kit / "bench", out, deadline)
+        save()
     if (kit / "runs").is_dir():
         model_dir = _model(kit, stash, manifest, report)
         runs = sorted(p for p in (kit / "runs").iterdir() if p.is_dir())
@@ -212,8 +218,13 @@ def run(kit: Path, out: Path, minutes: float, stash: Path = DEFAULT_STASH) -> di
             if share < 0.5:
                 report["steps"][folder.name] = {"skipped": "no time left"}
                 continue
-            report["steps"][folder.name] = _train(folder, model_dir, stash, out, share)
-    (out / f"gpu_kit-{kit.name}.json").write_text(json.dumps(report, indent=1))
+            try:
+                report["steps"][folder.name] = _train(folder, model_dir, stash, out, share)
+            except Exception as err:   # one dataset's failure must not cost the others their GPU minutes
+                logger.exception("gpu-kit: %s failed", folder.name)
+                report["steps"][folder.name] = {"failed": f"{type(err).__name__}: {err}"}
+            save()
+    save()
     return report
 
 

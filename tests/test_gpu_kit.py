@@ -76,9 +76,13 @@ def test_run_trains_each_packed_dataset_and_unpack_places_it_here(cfg, tiny_mode
     from transformers import AutoTokenizer
 
     kit, stash, cfg = _kit(tmp_path, cfg, tiny_model, AutoTokenizer.from_pretrained(tiny_model))
+    broken = kit / "runs" / "amazon2023"            # trains first (sorted) and fails: no rows
+    broken.mkdir()
+    shutil.copy(kit / "runs" / "ml-100k" / "config.yaml", broken / "config.yaml")
     out = tmp_path / "out"
     report = gpu_kit.run(kit, out, minutes=5, stash=stash)
-    step = report["steps"]["ml-100k"]
+    assert report["steps"]["amazon2023"]["failed"].startswith("FileNotFoundError")   # recorded, and the
+    step = report["steps"]["ml-100k"]                                                # next one still ran
     assert step["status"] == "done" and step["examples_seen"] == 8 and step["best"]["valid_n"] == 4
     assert report["tensor_checks"] == "equal to the packing machine's"
     returned = out / "trained" / "ml-100k" / cfg.train.name
