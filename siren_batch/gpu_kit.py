@@ -5,8 +5,8 @@ no model weights; each call carries at most 64 MiB and returns what it leaves in
 $OUT. So everything is packed here, in two halves, one per call:
 
     make gpu-kit                                  # here: build/gpu-kit/call1, call2 (Spark, the warehouse)
-    python -m siren_batch.gpu_kit run --kit build/gpu-kit/call1 --out $OUT --minutes 4    # there, call 1
-    python -m siren_batch.gpu_kit run --kit build/gpu-kit/call2 --out $OUT --minutes 8    # there, call 2
+    python3 -m siren_batch.gpu_kit run --kit build/gpu-kit/call1 --out $OUT --minutes 3   # there, call 1
+    python3 -m siren_batch.gpu_kit run --kit build/gpu-kit/call2 --out $OUT --minutes 7   # there, call 2
     python -m siren_batch.gpu_kit unpack <the returned folder>                            # here again
 
 - call 1 carries the first half of the default LLM's GGUF file, which `run` keeps in
@@ -48,7 +48,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-KIT_CONF = "conf/gpu-kit.yaml"
+KIT_CONF = "gpu-kit.yaml"   # a layer in conf/
 MANIFEST = "manifest.json"
 PARTS = ("weights.part1", "weights.part2")
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -373,10 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "pack":
-        from siren_batch.config import load_config
+        from siren_batch.config import CONF_DIR, load_config
         from siren_batch.spark import get_spark
 
-        cfgs = [load_config([KIT_CONF], [f"dataset={dataset}", *args.overrides])
+        cfgs = [load_config([str(CONF_DIR / KIT_CONF)], [f"dataset={dataset}", *args.overrides])
                 for dataset in args.dataset or ["ml-100k", "siren-movies"]]
         info = pack(get_spark(cfgs[0].spark), cfgs, args.out, args.bench_pairs)
         print(json.dumps({"mib": info["mib"], "runs": info["runs"]}, indent=1))

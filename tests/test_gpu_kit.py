@@ -148,3 +148,13 @@ def test_pack_fits_each_call_and_its_halves_give_there_the_weights_of_here(cfg, 
     model = gpu_kit._model(call2, stash, info, report)
     assert report["tensor_checks"] == "equal to the packing machine's"
     assert (model / "tokenizer.json").read_bytes() == (Path(local) / "tokenizer.json").read_bytes()
+
+
+def test_the_kit_layer_gives_each_dataset_the_documented_options():
+    from siren_batch.config import CONF_DIR
+
+    for dataset in ("ml-100k", "siren-movies"):
+        cfg = load_config([str(CONF_DIR / gpu_kit.KIT_CONF)], [f"dataset={dataset}", "train.lr=1e-4"])
+        assert cfg.dataset == dataset and cfg.train.name == "sft-gpu" and cfg.prompts.priors
+        assert (cfg.train.target, cfg.train.loss, cfg.train.batch_size, cfg.train.lr) == ("residual", "both", 64, 1e-4)
+        assert set(cfg.train.lora_targets) >= {"q_proj", "v_proj", "gate_proj", "down_proj"}
