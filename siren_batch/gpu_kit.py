@@ -275,9 +275,10 @@ def _model(kit: Path, stash: Path, manifest: dict, report: dict) -> Path:
         tmp.rename(dest)
     checks = tensor_checks(dest)
     for name, want in manifest["tensor_checks"].items():
-        if abs(checks.get(name, float("nan")) - want) > 1e-6 * max(abs(want), 1.0):
-            raise SystemExit(f"gpu-kit: {name} differs from the packing machine's weights "
-                             f"({checks.get(name)} vs {want}): an adapter trained here would not fit there")
+        got = checks.get(name)
+        if got is None or not abs(got - want) <= 1e-6 * max(abs(want), 1.0):   # a missing tensor fails too
+            raise SystemExit(f"gpu-kit: {name} differs from the packing machine's weights ({got} vs {want}): "
+                             "an adapter trained on these would not fit that machine's base model")
     report["tensor_checks"] = "equal to the packing machine's"
     return dest
 

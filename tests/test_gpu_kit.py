@@ -111,9 +111,10 @@ def test_run_trains_each_packed_dataset_and_unpack_places_it_here(cfg, tiny_mode
         gpu_kit.unpack(out)
 
     # Other weights in the stash than the packing machine's: refused before training.
-    (kit / gpu_kit.MANIFEST).write_text(json.dumps({"tensor_checks": {gpu_kit.CHECKED_TENSORS[0]: 1.0}}))
-    with pytest.raises(SystemExit, match="differs from the packing machine's weights"):
-        gpu_kit.run(kit, tmp_path / "out2", minutes=5, stash=stash)
+    for checks in ({gpu_kit.CHECKED_TENSORS[0]: 1.0}, {"model.no_such.weight": 1.0}):
+        (kit / gpu_kit.MANIFEST).write_text(json.dumps({"tensor_checks": checks}))
+        with pytest.raises(SystemExit, match="differs from the packing machine's weights"):
+            gpu_kit.run(kit, tmp_path / "out2", minutes=5, stash=stash)
 
 
 def test_pack_fits_each_call_and_its_halves_give_there_the_weights_of_here(cfg, tiny_model, tmp_path, monkeypatch):
