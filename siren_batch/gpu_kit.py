@@ -318,6 +318,7 @@ def unpack(results: Path, force: bool = False) -> list[Path]:
     from siren_batch.assets import resolve_llm
     from siren_batch.config import load_config
     from siren_batch.profiling import RESULTS_DIR
+    from siren_batch.train.stages import run_dir as home_of
 
     placed = []
     for bench in sorted((results / "benchmarks").glob("bench-score-gpu.*")):
@@ -327,7 +328,7 @@ def unpack(results: Path, force: bool = False) -> list[Path]:
     local = resolve_llm("default")
     for run_dir in sorted(p for p in (results / "trained").glob("*/*") if p.is_dir()):
         cfg = load_config([str(run_dir / "config.yaml")])
-        dest = Path(cfg.train.out_dir) / run_dir.parent.name / run_dir.name
+        dest = home_of(cfg)   # <train.out_dir>/<dataset>/<train.name>, where train-sft puts a run
         if dest.exists() and not force:
             raise SystemExit(f"gpu-kit: {dest} exists: pass --force to replace it, or rename the run")
         if dest.exists():
