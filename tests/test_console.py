@@ -11,8 +11,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import pytest
-
 from siren_batch import console
 from siren_batch.console import ConsoleHandler, Progress, format_duration, format_progress
 

@@ -139,7 +139,6 @@ def run_config(name: str, method: str, bf16: bool, pack: bool, ids, groups, targ
            "trainable_params": int(sum(p.numel() for p in params))}
     row["examples_per_hour"] = round(row["examples_per_s"] * 3600)
     logger.info("bench %s: %s", name, row)
-    del model, optimizer
     return row
 
 
