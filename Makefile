@@ -131,7 +131,7 @@ bench-score-gpu: model
 gpu-kit: model
 	$(PY) -m siren_batch.gpu_kit pack $(ARGS)
 
-# ---- nightly operation (siren_batch/nightly.py) -----------------------------------
+# ---- nightly operation (siren_batch/nightly/) --------------------------------------
 .PHONY: nightly nightly-demo bench-nightly
 RUN_DATE ?= $(shell date -u +%F)
 # make nightly RUN_DATE=2026-01-05 ARGS="nightly.arrivals=/data/drops/{run_date}"

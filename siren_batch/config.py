@@ -366,7 +366,7 @@ class AlignConfig:
     answer-only student aligns to them (`make train-align`). Batch size, valid sampling,
     evaluation, early stopping, device and dtype come from `train`."""
     name: str = "align"               # run name (outputs under <train.out_dir>/<dataset>/<name>/)
-    teacher: str = "grpo"             # a stage-1 run name under <train.out_dir>/<dataset>/ (its merged/ model), or a model folder
+    teacher: str = "grpo"             # a stage-1 run name under <train.out_dir>/<dataset>/ (its export/ model), or a model folder
     variant: str = "ha"               # ce | kd | kd+ce | ha+ce | ha (the paper's ablation, one row each)
     examples: int | None = 512        # train prompts the teacher writes chain-of-thought for
     keep_within: float = 0.0          # keep rows whose teacher answer is within this of the label (0 = exactly right)
