@@ -26,6 +26,7 @@ from siren_batch import schemas
 from siren_batch.assets import models_dir, resolve_llm
 from siren_batch.config import Config
 from siren_batch.features import KEY, candidate_features, split_features
+from siren_batch.ratings import training_meta
 from siren_batch.warehouse import read_table, run_record, write_table
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def _fit_frame(spark: SparkSession, cfg: Config) -> tuple[Any, tuple[int, float]
     truth = (read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
              .where(F.col("split") == "valid").select(*KEY, F.col("rating").alias("label")))
     feats, als_params = split_features(spark, cfg, "valid")
-    frame = (scored.select(*KEY, "probs").join(truth, on=KEY, how="inner")
+    frame = (scored.select(*KEY, "probs", "rating", "rating_median").join(truth, on=KEY, how="inner")
              .join(feats, on=KEY, how="left"))
     if cfg.calibrate.max_rows:
         frame = frame.orderBy(F.xxhash64(*KEY)).limit(cfg.calibrate.max_rows)
@@ -126,7 +127,8 @@ def calibrate(spark: SparkSession, cfg: Config) -> dict:
     with run_record(spark, cfg, "calibrate") as rec:
         frame, als_params, run_date = _fit_frame(spark, cfg)
         rec.input_rows = len(frame)
-        calibrator = fit_calibrator(frame, cfg.calibrate.features, cfg.calibrate.folds, cfg.calibrate.seed)
+        calibrator = fit_calibrator(frame, cfg.calibrate.features, cfg.calibrate.folds, cfg.calibrate.seed,
+                                    residual=training_meta(cfg).get("target") == "residual")
         calibrator.meta.update({"fitted_for": fitted_for(cfg), "als_params": list(als_params),
                                 "valid_run_date": run_date, "config_hash": cfg.hash()})
         folder = calibrator.save(calibrator_dir(cfg))
