@@ -9,9 +9,14 @@ Anything else is a path or a hub id and is passed through unchanged.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from siren_batch.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +67,17 @@ def resolve_llm(name: str) -> str:
     if not (folder / "config.json").exists():
         raise AssetError(f"default LLM not prepared at {folder}: run `make model`")
     return str(folder)
+
+
+def training_meta(cfg: Config) -> dict:
+    """siren_training.json of the scored adapter, else of the model folder (written by
+    training and by `make export`); {} for a model this project did not train. Here,
+    below scoring and calibration, so both read it without importing each other."""
+    for folder in (cfg.score.adapter, resolve_llm(cfg.score.model)):
+        meta = Path(folder or "") / "siren_training.json"
+        if folder and meta.is_file():
+            return json.loads(meta.read_text())
+    return {}
 
 
 def convert_smollm2(dest: Path | None = None) -> Path:

@@ -23,10 +23,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas
-from siren_batch.assets import models_dir, resolve_llm
+from siren_batch.assets import models_dir, resolve_llm, training_meta
 from siren_batch.config import Config
 from siren_batch.features import KEY, candidate_features, split_features
-from siren_batch.ratings import training_meta
 from siren_batch.warehouse import read_table, run_record, write_table
 
 logger = logging.getLogger(__name__)

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import math
-from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas
+from siren_batch.assets import training_meta
 from siren_batch.config import Config
 from siren_batch.console import Progress
 from siren_batch.timers import StageTimers
@@ -227,18 +226,6 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
             "errors_by_reason": by_error, "prompt_tokens": int(agg.prompt_tokens or 0),
             "output_tokens": int(agg.output_tokens or 0), "table": cfg.table_path("ratings")}
 
-
-
-def training_meta(cfg: Config) -> dict:
-    """siren_training.json of the scored adapter, else of the model folder (written by
-    training and by `make export`); {} for a model this project did not train."""
-    from siren_batch.assets import resolve_llm
-
-    for folder in (cfg.score.adapter, resolve_llm(cfg.score.model)):
-        meta = Path(folder or "") / "siren_training.json"
-        if folder and meta.is_file():
-            return json.loads(meta.read_text())
-    return {}
 
 
 def add_base_back(spark: SparkSession, cfg: Config, out: DataFrame, training: dict) -> DataFrame:

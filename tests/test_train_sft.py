@@ -347,7 +347,8 @@ def test_score_stage_adds_the_base_back_for_a_residual_model(spark, cfg, tmp_pat
     import dataclasses
 
     from siren_batch import schemas
-    from siren_batch.ratings import add_base_back, training_meta
+    from siren_batch.assets import training_meta
+    from siren_batch.ratings import add_base_back
     from siren_batch.warehouse import write_table
 
     inter = [("u1", "i1", 5.0, 100, "train"), ("u1", "i2", 3.0, 100, "train"), ("u1", "i3", 4.0, 200, "train"),
