@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas
-from siren_batch.assets import models_dir, resolve_llm, training_meta
+from siren_batch.assets import models_dir, resolve_llm
 from siren_batch.config import Config
 from siren_batch.features import KEY, candidate_features, split_features
 from siren_batch.warehouse import read_table, run_record, write_table
@@ -126,8 +126,7 @@ def calibrate(spark: SparkSession, cfg: Config) -> dict:
     with run_record(spark, cfg, "calibrate") as rec:
         frame, als_params, run_date = _fit_frame(spark, cfg)
         rec.input_rows = len(frame)
-        calibrator = fit_calibrator(frame, cfg.calibrate.features, cfg.calibrate.folds, cfg.calibrate.seed,
-                                    residual=training_meta(cfg).get("target") == "residual")
+        calibrator = fit_calibrator(frame, cfg.calibrate.features, cfg.calibrate.folds, cfg.calibrate.seed)
         calibrator.meta.update({"fitted_for": fitted_for(cfg), "als_params": list(als_params),
                                 "valid_run_date": run_date, "config_hash": cfg.hash()})
         folder = calibrator.save(calibrator_dir(cfg))

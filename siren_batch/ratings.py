@@ -21,7 +21,7 @@ import datetime as dt
 import logging
 import math
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas
@@ -231,13 +231,14 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
 def add_base_back(spark: SparkSession, cfg: Config, out: DataFrame, training: dict) -> DataFrame:
     """A residual model's ratings on the label scale: rating and rating_median become
     clip(base + value - midpoint), rating_argmax the scale point nearest base + argmax -
-    midpoint; `probs` stays the model's own distribution (over the residual shifted onto
-    the scale). base = the user+item bias prediction, fit as for training: on train for
-    split:valid, on train + valid for split:test, on every interaction for candidates."""
+    midpoint, and `probs` the model's distribution over the residual moved by base -
+    midpoint onto the scale (rebin). base = the user+item bias prediction, fit as for
+    training: on train for split:valid, on train + valid for split:test, on every
+    interaction for candidates."""
     from siren_batch.baselines import clip
     from siren_batch.train.data import with_base
 
-    scale = [float(s) for s in training.get("scale", ["1", "5"])]
+    scale = [float(s) for s in training.get("scale", ["1", "2", "3", "4", "5"])]
     midpoint = (scale[0] + scale[-1]) / 2
     source = cfg.score.candidates
     split = source.split(":", 1)[1] if source.startswith("split:") else None
@@ -248,4 +249,17 @@ def add_base_back(spark: SparkSession, cfg: Config, out: DataFrame, training: di
                for c in ("rating", "rating_median")}
     shifted["rating_argmax"] = F.when(F.col("rating_argmax").isNotNull(),
                                       clip(F.round(F.col("rating_argmax") + F.col("base") - F.lit(midpoint))))
+    shifted["probs"] = F.when(F.col("probs").isNotNull(),
+                              rebin(F.col("probs"), F.col("base") - F.lit(midpoint), scale))
     return out.join(bases, on=["user_id", "item_id"], how="left").withColumns(shifted).drop("base")
+
+
+def rebin(probs: Column, shift: Column, scale: list[float]) -> Column:
+    """A distribution over the (unit-spaced) scale points moved by `shift`: each point's
+    mass goes to its new place, clipped to the scale, split between the two nearest
+    points in proportion to nearness (objective.two_hot, the training targets' rule).
+    It still sums to 1, and its mean moves by exactly `shift` unless clipping stops it."""
+    moved = [F.least(F.greatest(F.lit(v) + shift, F.lit(scale[0])), F.lit(scale[-1])) for v in scale]
+    return F.array(*[sum((F.element_at(probs, k + 1) * F.greatest(F.lit(0.0), 1 - F.abs(x - F.lit(point)))
+                          for k, x in enumerate(moved)), F.lit(0.0))
+                     for point in scale])

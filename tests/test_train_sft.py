@@ -362,9 +362,11 @@ def test_score_stage_adds_the_base_back_for_a_residual_model(spark, cfg, tmp_pat
     (folder / "siren_training.json").write_text(json.dumps({"target": "residual", "scale": list("12345")}))
     assert training_meta(cfg)["target"] == "residual"
 
-    cols = "user_id string, item_id string, rating double, rating_median double, rating_argmax double, error string"
-    out = spark.createDataFrame([("u2", "i3", 3.0, 3.5, 4.0, None), ("u2", "i3", 4.9, 5.0, 5.0, None),
-                                 ("u9", "i3", None, None, None, "unknown_user")], cols)
+    cols = ("user_id string, item_id string, rating double, rating_median double, rating_argmax double, "
+            "probs array<double>, error string")
+    out = spark.createDataFrame([("u2", "i3", 3.0, 3.5, 4.0, [0.1, 0.2, 0.4, 0.3, 0.0], None),
+                                 ("u2", "i3", 4.9, 5.0, 5.0, [0.0, 0.0, 0.0, 0.1, 0.9], None),
+                                 ("u9", "i3", None, None, None, None, "unknown_user")], cols)
     got = add_base_back(spark, cfg, out, training_meta(cfg)).collect()
     assert len(got) == 3                                                # repeated pairs and errors all kept
     base = 3.4 + 0.6 - 0.75                                             # the bias fit on train (see above)
@@ -373,4 +375,9 @@ def test_score_stage_adds_the_base_back_for_a_residual_model(spark, cfg, tmp_pat
     assert by_rating[0].rating_median == pytest.approx(base + 0.5)
     assert by_rating[0].rating_argmax == 4.0                            # nearest scale point to 4.25
     assert by_rating[1].rating == 5.0 and by_rating[1].rating_argmax == 5.0   # clipped to the scale
-    assert by_rating[2].rating is None and by_rating[2].error == "unknown_user"
+    assert by_rating[2].rating is None and by_rating[2].error == "unknown_user" and by_rating[2].probs is None
+    # probs moved onto the rating scale by base - 3 = +0.25: each point's mass split between
+    # its two nearest points, so the mean moves by the shift; mass at 5 stays there (clipped)
+    assert by_rating[0].probs == pytest.approx([0.075, 0.175, 0.35, 0.325, 0.075])
+    assert np.dot(by_rating[0].probs, [1, 2, 3, 4, 5]) == pytest.approx(2.9 + base - 3)
+    assert by_rating[1].probs == pytest.approx([0.0, 0.0, 0.0, 0.075, 0.925])

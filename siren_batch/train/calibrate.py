@@ -145,15 +145,14 @@ def _out_of_fold(x: np.ndarray, labels: np.ndarray, c: float, folds: int, seed: 
 
 
 def fit_calibrator(frame: Any, groups: Sequence[str], folds: int = 5, seed: int = 42,
-                   cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), residual: bool = False) -> Calibrator:
+                   cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0)) -> Calibrator:
     """Fit on a labelled pandas frame (label, probs, bias, als, counts). The logistic
     regression's C is the one with the best out-of-fold NLL; meta holds that C's
     out-of-fold valid metrics (selected on the same folds, so slightly optimistic)
     beside the raw readouts' metrics on the same rows and, with the llm group and
     others, the same fit without the llm features (what the scorer adds).
     The raw readouts are the frame's `rating` and `rating_median` (the score stage's,
-    base added back for a residual model) where present, else read from probs; a
-    `residual` model's probs are over its shifted residual, so its raw NLL is None."""
+    base added back for a residual model) where present, else read from probs."""
     labels = frame["label"].astype(float).to_numpy()
     x, names = feature_matrix(frame, groups)
     if len(x) < 10 * folds:
@@ -170,7 +169,7 @@ def fit_calibrator(frame: Any, groups: Sequence[str], folds: int = 5, seed: int 
         probs = np.array(frame["probs"].tolist(), dtype=float)
         rating = frame["rating"].to_numpy(float) if "rating" in frame else probs @ VALUES
         median = frame["rating_median"].to_numpy(float) if "rating_median" in frame else readout_median(probs, SCALE)
-        meta["raw"] = {**_metrics(labels, probs, rating, median), **({"nll": None} if residual else {})}
+        meta["raw"] = _metrics(labels, probs, rating, median)
     rest = [g for g in groups if g != "llm"]
     if "llm" in groups and rest:  # the ablation: what the scorer adds beyond the other features
         x_rest, _ = feature_matrix(frame, rest)
