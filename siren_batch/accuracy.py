@@ -9,11 +9,17 @@ dataset -> system -> readout, mae, rmse, nll, n, eval_id, plus what --meta adds
 (training examples, wall time, device: what the metrics table cannot know).
 A system's name says its readout: `.../median`, `.../argmax`, else the expected
 value (LLM) or the point estimate (calibrated, baselines).
+
+--merge keeps what the results file already holds (a warehouse that is gone, another
+machine's runs): the systems read now replace their namesakes, every other entry stays
+as recorded, and each entry carries the date it was read (`recorded`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
 import math
 import sys
@@ -71,6 +77,19 @@ def meta_for(meta: dict[str, dict[str, Any]], dataset: str, system: str) -> dict
     return {**meta.get(system, {}), **meta.get(f"{dataset}::{system}", {})}
 
 
+def merge_tables(old: dict[str, dict[str, dict[str, Any]]],
+                 new: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """dataset -> system -> entry: `old`'s entries, with `new`'s in place of their namesakes.
+
+    >>> merge_tables({"a": {"x": {"mae": 1}, "y": {"mae": 2}}}, {"a": {"x": {"mae": 0}}, "b": {"z": {}}})
+    {'a': {'x': {'mae': 0}, 'y': {'mae': 2}}, 'b': {'z': {}}}
+    """
+    out = {dataset: dict(systems) for dataset, systems in old.items()}
+    for dataset, systems in new.items():
+        out.setdefault(dataset, {}).update(systems)
+    return out
+
+
 def _fmt(value: Any) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
@@ -91,25 +110,34 @@ def main(argv: list[str]) -> int:
     import pandas as pd
 
     from siren_batch.evaluate import PAPER_ROWS
-    from siren_batch.profiling import write_results
+    from siren_batch.profiling import RESULTS_DIR, write_results
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", action="append", required=True)
     parser.add_argument("--warehouse", default="./warehouse")
     parser.add_argument("--split", default="test")
     parser.add_argument("--meta", action="append", default=[], metavar="SYSTEM=key:value,...")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the results file's other entries; the systems read now replace their namesakes")
     args = parser.parse_args(argv)
+    recorded = dt.date.today().isoformat()
     meta = parse_meta(args.meta)
     table = {}
     for dataset in args.dataset:
         root = Path(args.warehouse) / dataset
         runs = pd.read_parquet(root / "runs") if (root / "runs").exists() else pd.DataFrame()
         systems = newest_by_system(pd.read_parquet(root / "metrics"), runs, args.split)
-        table[dataset] = {s: {**r, **meta_for(meta, dataset, s)} for s, r in systems.items()}
+        table[dataset] = {s: {**r, **meta_for(meta, dataset, s), "recorded": recorded} for s, r in systems.items()}
         for name, quoted in PAPER_ROWS.get(dataset, {}).items():   # quoted, never measured here
             if quoted.get("split", args.split) == args.split:
                 table[dataset][f"{name} (quoted)"] = {"readout": "quoted", "mae": quoted["mae"], "rmse": quoted["rmse"],
                                                       "nll": None, "n": 0, "source": quoted["source"]}
+    previous = RESULTS_DIR / "accuracy.json"
+    if args.merge and previous.exists():
+        before = json.loads(previous.read_text())
+        if before.get("split", args.split) != args.split:
+            raise SystemExit(f"--merge: {previous} holds split {before['split']!r}, not {args.split!r}")
+        table = merge_tables(before.get("datasets", {}), table)
     path = write_results("accuracy", {"split": args.split, "datasets": table}, markdown(table))
     logger.info("accuracy written to %s", path)
     return 0

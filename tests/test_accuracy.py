@@ -35,3 +35,28 @@ def test_meta_can_be_scoped_to_a_dataset():
     meta = parse_meta(["sys=training_examples:943,device:cpu", "siren-movies::sys=training_examples:600"])
     assert meta_for(meta, "ml-100k", "sys") == {"training_examples": 943, "device": "cpu"}
     assert meta_for(meta, "siren-movies", "sys") == {"training_examples": 600, "device": "cpu"}
+
+
+def test_merge_keeps_what_the_warehouse_no_longer_holds(tmp_path, monkeypatch):
+    import json
+
+    from siren_batch import accuracy, profiling
+
+    monkeypatch.setattr(profiling, "RESULTS_DIR", tmp_path / "results")
+    columns = ["eval_id", "split", "system", "segment", "metric", "value", "n"]
+    for dataset, rows in (("ml-100k", _metrics("d-r1", "llm:a", 1.0, 1.2) + _metrics("d-r1", "baseline:bias", 0.8, 1.0)),
+                          ("movies", _metrics("d-r1", "llm:b", 0.7, 1.1))):
+        (tmp_path / "wh" / dataset / "metrics").mkdir(parents=True)
+        pd.DataFrame(rows, columns=columns).to_parquet(tmp_path / "wh" / dataset / "metrics" / "part.parquet")
+    wh = ["--warehouse", str(tmp_path / "wh")]
+    assert accuracy.main([*wh, "--dataset", "ml-100k", "--dataset", "movies"]) == 0
+    # ml-100k's warehouse is gone; a new evaluation of movies is read with --merge
+    (tmp_path / "wh" / "ml-100k" / "metrics" / "part.parquet").unlink()
+    pd.DataFrame(_metrics("d-r2", "llm:b", 0.6, 1.0), columns=columns).to_parquet(
+        tmp_path / "wh" / "movies" / "metrics" / "part.parquet")
+    assert accuracy.main([*wh, "--dataset", "movies", "--merge"]) == 0
+    datasets = json.loads((tmp_path / "results" / "accuracy.json").read_text())["datasets"]
+    assert set(datasets["ml-100k"]) == {"llm:a", "baseline:bias"} and datasets["ml-100k"]["llm:a"]["mae"] == 1.0
+    assert datasets["movies"]["llm:b"]["mae"] == 0.6 and datasets["movies"]["llm:b"]["eval_id"] == "d-r2"
+    assert accuracy.main([*wh, "--dataset", "movies"]) == 0               # without --merge: what is read now
+    assert set(json.loads((tmp_path / "results" / "accuracy.json").read_text())["datasets"]) == {"movies"}
