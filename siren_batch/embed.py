@@ -17,18 +17,10 @@ import pyarrow as pa
 from pyspark.sql import DataFrame
 
 from siren_batch import assets, model_cache, schemas
+from siren_batch.backends.device import pick_device
 from siren_batch.config import EmbedConfig
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when a GPU is visible, else cpu; anything else unchanged."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_encoder(cfg: EmbedConfig):
@@ -37,7 +29,7 @@ def load_encoder(cfg: EmbedConfig):
     from sentence_transformers import SentenceTransformer
 
     path = assets.resolve_encoder(cfg.model)
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     model = SentenceTransformer(path, device=device)
     model.max_seq_length = cfg.max_seq_length
     # sentence-transformers 6 renamed get_sentence_embedding_dimension; accept both.

@@ -76,12 +76,14 @@ def test_make_encode_fn_loads_once_and_passes_config(monkeypatch):
     assert fake.calls[0]["batch_size"] == 7 and fake.calls[0]["normalize_embeddings"] is False
 
 
-def test_resolve_device():
-    assert embed.resolve_device("cpu") == "cpu"
-    assert embed.resolve_device("cuda") == "cuda"
+def test_pick_device():
+    from siren_batch.backends.device import pick_device
+
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("cuda") == "cuda"
     import torch
 
-    assert embed.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_embed_config_rejects_bad_device():

@@ -7,11 +7,13 @@ from pathlib import Path
 
 
 def pick_device(device: str) -> str:
+    """`auto` -> cuda when a GPU is visible, else cpu; anything else unchanged (scoring,
+    training and embedding all choose here)."""
+    if device != "auto":
+        return device
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:

@@ -37,6 +37,7 @@ import numpy as np
 
 from siren_batch.config import AlignConfig, TrainConfig
 from siren_batch.prompts import answer_only_of
+from siren_batch.backends.device import pick_device
 from siren_batch.train import batching, cot, model as M, objective
 from siren_batch.train.loop import SFTRun
 from siren_batch.train.rewards import parse_answer
@@ -203,7 +204,7 @@ def train(rows, valid_rows, align: AlignConfig, student: TrainConfig, run_dir: P
     run_dir = Path(run_dir)
     teacher_path = resolve_llm(student.base_model)
     folder = open_cache(run_dir / "teacher", manifest(rows, teacher_path, align))
-    device = M.pick_device(student.device)
+    device = pick_device(student.device)
     if student.torch_threads and device == "cpu":
         torch.set_num_threads(student.torch_threads)
     bf16 = M.use_bf16(student.dtype, device)

@@ -32,6 +32,7 @@ import numpy as np
 from siren_batch.bench_score import SHARED_MOVIES, matmul_peak_gflops, real_prompts
 from siren_batch.config import TrainConfig
 from siren_batch.profiling import write_results
+from siren_batch.backends.device import cpu_has_bf16, pick_device
 from siren_batch.train import batching, model as M, objective
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def run_config(name: str, method: str, bf16: bool, pack: bool, ids, groups, targ
     align = method == "align"    # SIREN stage 2: LoRA on k/v, HA loss against cached teacher states
     cfg = TrainConfig(method="lora" if align else method, batch_size=args.batch_size, max_seq_len=4096, lr=1e-4,
                       **({"lora_targets": ["k_proj", "v_proj"]} if align else {}))
-    device = M.pick_device("auto")
+    device = pick_device("auto")
     model = M.build_model(cfg, path, device)
     params = list(M.trainable_params(model).values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
@@ -179,7 +180,7 @@ def run_bench(args) -> dict:
     for row in rows:
         peak = peaks["bf16" if row["precision"].startswith("bf16") else "fp32"]
         row["pct_of_matmul_peak"] = round(100 * row["gflops"] / peak, 1)
-    return {"model": path, "torch_threads": torch.get_num_threads(), "cpu_native_bf16": M.cpu_has_native_bf16(),
+    return {"model": path, "torch_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_bf16(),
             "prompts": len(ids), "users": args.users, "batch_size": args.batch_size,
             "mean_prompt_tokens": round(float(np.mean([len(r) for r in ids])), 1),
             "matmul_peak_gflops": peaks, "configs": rows, "speedups": ratios(rows),

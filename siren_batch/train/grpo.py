@@ -34,6 +34,7 @@ import yaml
 
 from siren_batch.assets import resolve_llm
 from siren_batch.config import GrpoConfig, TrainConfig
+from siren_batch.backends.device import pick_device
 from siren_batch.train import cot, model as M, objective
 from siren_batch.train.checkpoint import atomic_dir
 from siren_batch.train.rewards import parse_answer, trl_rewards
@@ -212,7 +213,7 @@ def train(warm_rows, grpo_rows, grpo: GrpoConfig, train_cfg: TrainConfig, run_di
     if done.exists() and (run_dir / "best").exists() and json.loads(done.read_text()).get("status") == "done":
         logger.info("run %s already finished; nothing to do", run_dir)
         return {k: v for k, v in json.loads(done.read_text()).items() if k != "log_history"}
-    device = M.pick_device(train_cfg.device)
+    device = pick_device(train_cfg.device)
     if train_cfg.torch_threads and device == "cpu":
         torch.set_num_threads(train_cfg.torch_threads)
     bf16 = M.use_bf16(train_cfg.dtype, device)

@@ -20,6 +20,7 @@ import numpy as np
 from siren_batch.assets import resolve_llm
 from siren_batch.backends import rating_token_ids
 from siren_batch.config import TrainConfig
+from siren_batch.backends.device import pick_device
 from siren_batch.train import batching, checkpoint, model as M, objective
 from siren_batch.train.sft import build_units, encode, fingerprint, lr_factor, make_order, scorer_meta, write_outputs
 
@@ -35,7 +36,7 @@ class SFTRun:
 
         self.cfg, self.run_dir, self.callbacks = cfg, run_dir, callbacks
         self.born = time.perf_counter()   # train.max_minutes counts from here: loading and evaluations too
-        self.device = M.pick_device(cfg.device)
+        self.device = pick_device(cfg.device)
         if cfg.torch_threads and self.device == "cpu":
             torch.set_num_threads(cfg.torch_threads)
         self.bf16 = M.use_bf16(cfg.dtype, self.device)

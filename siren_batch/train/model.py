@@ -14,33 +14,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from siren_batch.backends.device import cpu_has_bf16
 from siren_batch.config import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matmul instructions (avx512_bf16 or AMX). Without them
-    torch emulates bf16 on CPU, which is slower than fp32 (Linux /proc/cpuinfo flags;
-    other systems: False)."""
-    import torch
-
-    if "AMX" in torch.backends.cpu.get_cpu_capability().upper():
-        return True
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags.split() or "amx_bf16" in flags.split()
 
 
 def use_bf16(dtype: str, device: str) -> bool:
@@ -50,7 +27,7 @@ def use_bf16(dtype: str, device: str) -> bool:
         return True
     if dtype == "float32":
         return False
-    return device == "cuda" or cpu_has_native_bf16()
+    return device == "cuda" or cpu_has_bf16()
 
 
 def autocast(device: str, bf16: bool):

@@ -134,13 +134,14 @@ def _teacher_rationales(spark: SparkSession, cfg: Config, warm) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from siren_batch.assets import resolve_llm
-    from siren_batch.train import cot, model as M
+    from siren_batch.backends.device import pick_device
+    from siren_batch.train import cot
     from siren_batch.train.data import cot_rows
 
     path = resolve_llm(cfg.grpo.warmup_teacher)
     theirs = cot_rows(spark, _with_train(cfg, base_model=path), "train", None)
     prompts = warm[["user_id", "item_id"]].merge(theirs[["user_id", "item_id", "prompt"]], how="left")["prompt"]
-    device = M.pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     return cot.generate(model, AutoTokenizer.from_pretrained(path), list(prompts), cfg.grpo.max_completion_tokens,
                         cfg.align.generate_batch, device=device)
