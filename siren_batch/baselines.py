@@ -50,8 +50,8 @@ def target_pairs(interactions: DataFrame, split: str) -> DataFrame:
     return interactions.filter(F.col("split") == split).select("user_id", "item_id")
 
 
-def clip(col: Column) -> Column:
-    return F.least(F.greatest(col, F.lit(RATING_MIN)), F.lit(RATING_MAX))
+def clip(col: Column, lo: float = RATING_MIN, hi: float = RATING_MAX) -> Column:
+    return F.least(F.greatest(col, F.lit(lo)), F.lit(hi))
 
 
 def constant(pairs: DataFrame, value: float) -> DataFrame:

@@ -259,7 +259,9 @@ def rebin(probs: Column, shift: Column, scale: list[float]) -> Column:
     mass goes to its new place, clipped to the scale, split between the two nearest
     points in proportion to nearness (objective.two_hot, the training targets' rule).
     It still sums to 1, and its mean moves by exactly `shift` unless clipping stops it."""
-    moved = [F.least(F.greatest(F.lit(v) + shift, F.lit(scale[0])), F.lit(scale[-1])) for v in scale]
+    from siren_batch.baselines import clip
+
+    moved = [clip(F.lit(v) + shift, scale[0], scale[-1]) for v in scale]
     return F.array(*[sum((F.element_at(probs, k + 1) * F.greatest(F.lit(0.0), 1 - F.abs(x - F.lit(point)))
                           for k, x in enumerate(moved)), F.lit(0.0))
                      for point in scale])

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from siren_batch.backends.device import pick_device
 from siren_batch.config import AlignConfig, TrainConfig
 from siren_batch.prompts import answer_only_of
-from siren_batch.backends.device import pick_device
 from siren_batch.train import batching, cot, model as M, objective
 from siren_batch.train.loop import SFTRun
 from siren_batch.train.rewards import parse_answer

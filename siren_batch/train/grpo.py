@@ -33,8 +33,8 @@ from pathlib import Path
 import yaml
 
 from siren_batch.assets import resolve_llm
-from siren_batch.config import GrpoConfig, TrainConfig
 from siren_batch.backends.device import pick_device
+from siren_batch.config import GrpoConfig, TrainConfig
 from siren_batch.train import cot, model as M, objective
 from siren_batch.train.checkpoint import atomic_dir
 from siren_batch.train.rewards import parse_answer, trl_rewards

@@ -19,8 +19,8 @@ import numpy as np
 
 from siren_batch.assets import resolve_llm
 from siren_batch.backends import rating_token_ids
-from siren_batch.config import TrainConfig
 from siren_batch.backends.device import pick_device
+from siren_batch.config import TrainConfig
 from siren_batch.train import batching, checkpoint, model as M, objective
 from siren_batch.train.sft import build_units, encode, fingerprint, lr_factor, make_order, scorer_meta, write_outputs
 
