@@ -3,8 +3,9 @@
     python -m siren_batch.accuracy --dataset ml-100k --dataset siren-movies \\
         --meta "zero-shot+priors=training_examples:0,device:cpu"
 
-Reads each dataset's `metrics` and `runs` tables straight from Parquet (no Spark)
-and keeps, per system, its newest evaluation of the split (segment "all"):
+Reads each dataset's `metrics` table straight from Parquet (no Spark) and keeps, per
+system, its newest evaluation of the split (segment "all"; newest by the evaluate run's
+start, which its eval_id carries):
 dataset -> system -> readout, mae, rmse, nll, n, eval_id, plus what --meta adds
 (training examples, wall time, device: what the metrics table cannot know).
 A system's name says its readout: `.../median`, `.../argmax`, else the expected
@@ -22,6 +23,7 @@ import datetime as dt
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,14 +46,27 @@ def readout_of(system: str) -> str:
     return "mean" if not system.startswith("baseline:") else "point"
 
 
-def newest_by_system(metrics: Any, runs: Any, split: str) -> dict[str, dict[str, Any]]:
-    """{system: {mae, rmse, nll, n, eval_id}} from the newest eval_id holding that system."""
-    started = dict(zip(runs["run_id"], runs["started_at"])) if len(runs) else {}
+def evaluated_at(eval_id: str) -> str:
+    """When an evaluation ran: the UTC start stamp inside its eval_id (`<ratings run_date>-<run_id>`,
+    run_id = `%Y%m%dT%H%M%S-<hex>`; dashes in both halves).
+
+    >>> evaluated_at("2026-11-02-20261126T162755-a7e1a8")
+    '20261126T162755'
+    """
+    parts = eval_id.rsplit("-", 2)
+    if len(parts) < 3 or not re.fullmatch(r"\d{8}T\d{6}", parts[1]):
+        raise ValueError(f"eval_id {eval_id!r} is not <run_date>-<run_id>: cannot tell when it was evaluated")
+    return parts[1]
+
+
+def newest_by_system(metrics: Any, split: str) -> dict[str, dict[str, Any]]:
+    """{system: {mae, rmse, nll, n, eval_id}} from the newest eval_id holding that system
+    (by the start of its evaluate run; ties go to the greater eval_id)."""
     part = metrics[(metrics["split"] == split) & (metrics["segment"] == "all")].copy()
-    part["started_at"] = [started.get(e.rsplit("-", 1)[-1], "") for e in part["eval_id"]]
+    part["evaluated_at"] = [evaluated_at(e) for e in part["eval_id"]]
     out: dict[str, dict[str, Any]] = {}
     for system, rows in part.groupby("system"):
-        newest = rows[rows["started_at"] == rows["started_at"].max()]
+        newest = rows[rows["eval_id"] == rows.sort_values(["evaluated_at", "eval_id"])["eval_id"].iloc[-1]]
         values = dict(zip(newest["metric"], newest["value"]))
         n = dict(zip(newest["metric"], newest["n"]))
         out[system] = {"readout": readout_of(system), "mae": values.get("mae"), "rmse": values.get("rmse"),
@@ -125,8 +140,7 @@ def main(argv: list[str]) -> int:
     table = {}
     for dataset in args.dataset:
         root = Path(args.warehouse) / dataset
-        runs = pd.read_parquet(root / "runs") if (root / "runs").exists() else pd.DataFrame()
-        systems = newest_by_system(pd.read_parquet(root / "metrics"), runs, args.split)
+        systems = newest_by_system(pd.read_parquet(root / "metrics"), args.split)
         table[dataset] = {s: {**r, **meta_for(meta, dataset, s), "recorded": recorded} for s, r in systems.items()}
         for name, quoted in PAPER_ROWS.get(dataset, {}).items():   # quoted, never measured here
             if quoted.get("split", args.split) == args.split:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from siren_batch.accuracy import markdown, meta_for, newest_by_system, parse_meta
 
@@ -16,19 +17,29 @@ def _metrics(eval_id, system, mae, rmse, nll=None):
 
 
 def test_newest_evaluation_wins_and_readouts_are_named():
-    metrics = pd.DataFrame(_metrics("d-r1", "llm:a", 1.0, 1.2, 1.5) + _metrics("d-r2", "llm:a", 0.9, 1.1, 1.4)
-                           + _metrics("d-r1", "llm:a/median", 0.8, 1.3) + _metrics("d-r1", "baseline:bias", 0.85, 1.05),
+    """eval_ids as evaluate writes them (`<run_date>-<run_id>`, dashes in both), the newer
+    evaluation's rows first: its numbers and its id, never a mix of the two."""
+    old, new = "20260101T000000-aaaaaa", "20260102T000000-bbbbbb"
+    e1, e2 = f"2026-01-01-{old}", f"2026-01-01-{new}"
+    metrics = pd.DataFrame(_metrics(e2, "llm:a", 0.9, 1.1, 1.4) + _metrics(e1, "llm:a", 1.0, 1.2, 1.5)
+                           + _metrics(e1, "llm:a/median", 0.8, 1.3) + _metrics(e1, "baseline:bias", 0.85, 1.05),
                            columns=["eval_id", "split", "system", "segment", "metric", "value", "n"])
-    runs = pd.DataFrame({"run_id": ["r1", "r2"], "started_at": ["2026-01-01T00:00", "2026-01-02T00:00"]})
-    out = newest_by_system(metrics, runs, "test")
+    out = newest_by_system(metrics, "test")
     assert out["llm:a"] == {"readout": "mean", "mae": 0.9, "rmse": 1.1, "nll": 1.4, "coverage": None, "n": 10,
-                            "eval_id": "d-r2"}
+                            "eval_id": e2}
     assert out["llm:a/median"]["readout"] == "median" and out["baseline:bias"]["nll"] is None
     meta = parse_meta(["llm:a=training_examples:0,device:cpu"])
     assert meta == {"llm:a": {"training_examples": 0, "device": "cpu"}}
     text = markdown({"ml-100k": {s: {**r, **meta.get(s, {})} for s, r in out.items()}})
     rows = [line for line in text.splitlines() if line.startswith("| llm") or line.startswith("| baseline")]
     assert rows[0].startswith("| baseline:bias") and "| 0 | cpu |" in rows[1]     # sorted by RMSE
+
+
+def test_an_eval_id_without_its_run_stamp_is_refused():
+    metrics = pd.DataFrame(_metrics("2026-01-01-nightly", "llm:a", 1.0, 1.2),
+                           columns=["eval_id", "split", "system", "segment", "metric", "value", "n"])
+    with pytest.raises(ValueError, match="cannot tell when it was evaluated"):
+        newest_by_system(metrics, "test")
 
 
 def test_meta_can_be_scoped_to_a_dataset():
@@ -44,19 +55,20 @@ def test_merge_keeps_what_the_warehouse_no_longer_holds(tmp_path, monkeypatch):
 
     monkeypatch.setattr(profiling, "RESULTS_DIR", tmp_path / "results")
     columns = ["eval_id", "split", "system", "segment", "metric", "value", "n"]
-    for dataset, rows in (("ml-100k", _metrics("d-r1", "llm:a", 1.0, 1.2) + _metrics("d-r1", "baseline:bias", 0.8, 1.0)),
-                          ("movies", _metrics("d-r1", "llm:b", 0.7, 1.1))):
+    e1, e2 = "2026-01-01-20260101T000000-aaaaaa", "2026-01-01-20260102T000000-bbbbbb"
+    for dataset, rows in (("ml-100k", _metrics(e1, "llm:a", 1.0, 1.2) + _metrics(e1, "baseline:bias", 0.8, 1.0)),
+                          ("movies", _metrics(e1, "llm:b", 0.7, 1.1))):
         (tmp_path / "wh" / dataset / "metrics").mkdir(parents=True)
         pd.DataFrame(rows, columns=columns).to_parquet(tmp_path / "wh" / dataset / "metrics" / "part.parquet")
     wh = ["--warehouse", str(tmp_path / "wh")]
     assert accuracy.main([*wh, "--dataset", "ml-100k", "--dataset", "movies"]) == 0
     # ml-100k's warehouse is gone; a new evaluation of movies is read with --merge
     (tmp_path / "wh" / "ml-100k" / "metrics" / "part.parquet").unlink()
-    pd.DataFrame(_metrics("d-r2", "llm:b", 0.6, 1.0), columns=columns).to_parquet(
+    pd.DataFrame(_metrics(e2, "llm:b", 0.6, 1.0), columns=columns).to_parquet(
         tmp_path / "wh" / "movies" / "metrics" / "part.parquet")
     assert accuracy.main([*wh, "--dataset", "movies", "--merge"]) == 0
     datasets = json.loads((tmp_path / "results" / "accuracy.json").read_text())["datasets"]
     assert set(datasets["ml-100k"]) == {"llm:a", "baseline:bias"} and datasets["ml-100k"]["llm:a"]["mae"] == 1.0
-    assert datasets["movies"]["llm:b"]["mae"] == 0.6 and datasets["movies"]["llm:b"]["eval_id"] == "d-r2"
+    assert datasets["movies"]["llm:b"]["mae"] == 0.6 and datasets["movies"]["llm:b"]["eval_id"] == e2
     assert accuracy.main([*wh, "--dataset", "movies"]) == 0               # without --merge: what is read now
     assert set(json.loads((tmp_path / "results" / "accuracy.json").read_text())["datasets"]) == {"movies"}
