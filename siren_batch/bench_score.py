@@ -33,6 +33,16 @@ SYSTEM = ("You are a recommender assistant. From the user's past behaviour, pred
           "<think> </think> and the rating in <answer> </answer>. The rating must be a number between "
           "1.0 and 5.0.")
 ANSWER_ONLY_SUFFIX = "\n<think>\n</think>\n<answer>"
+# Where the candidate sits in the user turn. candidate-first is the reference code's order;
+# question-first is this project's prompts.py order (the fixed question before the candidate,
+# so a pair's own tokens after its user's shared prefix are only the candidate line and the
+# template's tail). Held here rather than imported: prompts.py needs pyspark, this file must not.
+ORDERS = {
+    "candidate-first": "The candidate is described as: {target}\n"
+                       "Based on the above information, what rating will the user give?",
+    "question-first": "Based on the above information, what rating will the user give the candidate below?\n"
+                      "The candidate is described as: {target}",
+}
 
 
 def _jsonl(path: Path, limit: int):
@@ -45,14 +55,24 @@ def _jsonl(path: Path, limit: int):
 
 
 def real_prompts(tokenizer, data_dir: Path = SHARED_MOVIES, users: int = 4, candidates: int = 10,
-                 recent: int = 10, answer_only: bool = True, max_tokens: int = 560
-                 ) -> tuple[list[str], list[str]]:
+                 recent: int = 10, answer_only: bool = True, max_tokens: int = 560,
+                 order: str = "candidate-first") -> tuple[list[str], list[str]]:
     """`users` x `candidates` chat-templated prompts; candidates are the user's own test
     target plus other items' targets; users whose prompt exceeds `max_tokens` are skipped
-    (keeps the shared prefix near the 300-500 tokens of real sketch prompts).
-    Returns (prompts, user ids)."""
+    (keeps the shared prefix near the 300-500 tokens of real sketch prompts); `order`: a key
+    of ORDERS. The same users are chosen in either order. Returns (prompts, user ids)."""
+    if order not in ORDERS:
+        raise ValueError(f"unknown prompt order {order!r}; use one of {', '.join(ORDERS)}")
     sketches = {r["user_id"]: r["user_profile_prompt"] for r in _jsonl(data_dir / "user_feature.jsonl", 10**6)}
     others = [r["target"] for r in _jsonl(data_dir / "train.jsonl.gz", 400)]
+
+    def render(history: list[str], sketch: str, target: str, order: str) -> str:
+        user = (f"{sketch}\n\nBelow are the user's recent ratings in the format: Title, Genres, Rating\n"
+                + "\n".join(history) + "\n\n" + ORDERS[order].format(target=target))
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text + ANSWER_ONLY_SUFFIX if answer_only else text
+
     texts, groups = [], []
     for row in _jsonl(data_dir / "test.jsonl.gz", 10**6):
         history = row["history"].splitlines()[-recent:]
@@ -60,15 +80,9 @@ def real_prompts(tokenizer, data_dir: Path = SHARED_MOVIES, users: int = 4, cand
         if len(history) < recent or sketch.count("\n- ") < 3:   # want a full, prefix-heavy prompt
             continue
         targets = [row["target"], *others[len(groups) % 300:][:candidates - 1]]
-        mine = []
-        for target in targets:
-            user = (f"{sketch}\n\nBelow are the user's recent ratings in the format: Title, Genres, Rating\n"
-                    + "\n".join(history) + f"\n\nThe candidate is described as: {target}\n"
-                    "Based on the above information, what rating will the user give?")
-            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            mine.append(text + ANSWER_ONLY_SUFFIX if answer_only else text)
-        if len(tokenizer(mine[0], add_special_tokens=False)["input_ids"]) > max_tokens:
+        mine = [render(history, sketch, target, order) for target in targets]
+        if len(tokenizer(render(history, sketch, row["target"], "candidate-first"),
+                         add_special_tokens=False)["input_ids"]) > max_tokens:  # same users in either order
             continue
         texts.extend(mine)
         groups.extend([row["user_id"]] * len(mine))
@@ -102,26 +116,30 @@ def _timed(backend, texts, groups, **overrides) -> dict:
 
 
 def run_bench(users: int, candidates: int, batch_size: int, cot_prompts: int, max_new_tokens: int,
-              data_dir: Path, dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict:
+              data_dir: Path, dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+              orders: tuple[str, ...] = ("candidate-first",)) -> dict:
     import torch
 
     from siren_batch.backends.transformers_backend import TransformersBackend
 
     peak = matmul_peak_gflops()
-    rows, probs = {}, {}
-    for dtype in dtypes:
+    rows, probs, agree, tokens = {}, {}, {}, {}
+    paths = {"one_at_a_time": dict(batch_size=1, shared_prefix=False),
+             "batched": dict(batch_size=batch_size, shared_prefix=False),
+             "batched_shared_prefix": dict(batch_size=batch_size, shared_prefix=True)}
+    for dtype, order in ((d, o) for d in dtypes for o in orders):
         backend = TransformersBackend(ScoreConfig(device="cpu", dtype=dtype, batch_size=batch_size))
-        texts, groups = real_prompts(backend.tokenizer, data_dir, users, candidates)
+        texts, groups = real_prompts(backend.tokenizer, data_dir, users, candidates, order=order)
+        tokens[order] = _token_stats(backend, texts, groups)
         n_params = sum(p.numel() for p in backend.model.parameters())
         n_nonembed = n_params - backend.model.get_input_embeddings().weight.numel()
         backend.score(texts[:2], groups[:2])  # warm-up
-        paths = {"one_at_a_time": dict(batch_size=1, shared_prefix=False),
-                 "batched": dict(batch_size=batch_size, shared_prefix=False),
-                 "batched_shared_prefix": dict(batch_size=batch_size, shared_prefix=True)}
         for path, overrides in paths.items():
-            name = f"{path}/{dtype}"
+            name = f"{path}/{dtype}" + (f"/{order}" if len(orders) > 1 else "")
             run = _timed(backend, texts, groups, **overrides)
             probs[name] = np.array([r.probs for r in run["results"]])
+            same_prompts = f"one_at_a_time/{dtypes[0]}" + (f"/{order}" if len(orders) > 1 else "")
+            agree[name] = float(np.abs(probs[name] - probs[same_prompts]).max())
             rows[name] = {"pairs": len(texts), "seconds": round(run["seconds"], 2),
                           "cpu_seconds": round(run["cpu_seconds"], 2),
                           "pairs_per_s": round(len(texts) / run["seconds"], 2),
@@ -136,15 +154,16 @@ def run_bench(users: int, candidates: int, batch_size: int, cot_prompts: int, ma
     for row in rows.values():
         row["speedup_vs_one_at_a_time"] = round(row["pairs_per_s"] / base["pairs_per_s"], 2)
         row["cpu_speedup_vs_one_at_a_time"] = round(base["cpu_seconds"] / row["cpu_seconds"], 2)
-    agree = {name: float(np.abs(p - probs[first]).max()) for name, p in probs.items()}
     cot = _bench_cot(backend, data_dir, cot_prompts, max_new_tokens)
-    mean_tokens, mean_prefix = _token_stats(backend, texts, groups)
+    mean_tokens, mean_prefix = tokens[orders[0]]
     best = max(rows, key=lambda name: rows[name]["pairs_per_s"])
     return {"model": backend.model_id, "device": backend.device, "dtypes": list(dtypes), "cot_dtype": dtypes[-1],
             "torch_threads": torch.get_num_threads(), "users": users, "candidates_per_user": candidates,
             "pairs": len(texts), "mean_prompt_tokens": mean_tokens, "shared_prefix_tokens_mean": mean_prefix,
             "params": n_params, "params_nonembed": n_nonembed, "matmul_peak_gflops": round(peak, 1),
-            "paths": rows, "max_abs_prob_diff_vs_first": agree, "cot": cot,
+            "orders": {o: {"mean_prompt_tokens": t, "shared_prefix_tokens_mean": pre,
+                           "own_tokens_after_prefix_mean": round(t - pre, 1)} for o, (t, pre) in tokens.items()},
+            "paths": rows, "max_abs_prob_diff_vs_one_at_a_time": agree, "cot": cot,
             "cot_vs_answer_only_ratio": {
                 name: round(cot["seconds_per_pair"] / (rows[name]["seconds"] / len(texts)), 1)
                 for name in rows if name.endswith(dtypes[-1])}, "fastest": best}
@@ -188,7 +207,9 @@ def _markdown(p: dict) -> str:
         f"Speedups are against the first row.\n"
         f"GFLOP/s = 2 x {p['params_nonembed']:,} non-embedding params x real tokens / s (attention and "
         f"padding not counted); peak = best {p['matmul_peak_gflops']} GFLOP/s of a 2048^3 fp32 matmul.\n"
-        f"Max |probs difference| vs the first row: {p['max_abs_prob_diff_vs_first']}.\n\n"
+        f"Prompt orders (tokens per pair, shared per user, a pair's own after the prefix): {p['orders']}.\n"
+        f"Max |probs difference| vs one_at_a_time in the first dtype on the same prompts: "
+        f"{p['max_abs_prob_diff_vs_one_at_a_time']}.\n\n"
         f"CoT ({p['cot_dtype']}, greedy, max_new_tokens={cot['max_new_tokens']}, {cot['pairs']} prompts in one "
         f"batch): {cot['seconds_per_pair']} s/pair, {cot['mean_output_tokens']} output tokens, "
         f"{cot['parsed']}/{cot['pairs']} answers parsed. CoT / answer-only time per pair: "
@@ -207,6 +228,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", type=Path, default=SHARED_MOVIES)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; CoT runs in the last")
+    parser.add_argument("--orders", default="candidate-first",
+                        help=f"comma-separated prompt orders, each measured in the same run: {', '.join(ORDERS)}")
     parser.add_argument("--name", default="bench-score", help="results file name under notebooks/benchmarks")
     args = parser.parse_args(argv)
     if args.threads:
@@ -215,7 +238,8 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]  # the machine may be shared: record how busy it was
     payload = run_bench(args.users, args.candidates, args.batch_size, args.cot_prompts,
-                        args.max_new_tokens, args.data, tuple(args.dtypes.split(",")))
+                        args.max_new_tokens, args.data, tuple(args.dtypes.split(",")),
+                        tuple(args.orders.split(",")))
     payload["load_average_1min"] = {"before": round(load_before, 1), "after": round(os.getloadavg()[0], 1)}
     path = write_results(args.name, payload, _markdown(payload))
     logger.info("results written to %s", path)

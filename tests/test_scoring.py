@@ -322,6 +322,32 @@ def test_smollm2_paths_agree_on_real_prompts(shared_movies):
     assert all(300 <= n <= 900 for n in lengths[:4]) and max(lengths) - min(lengths) > 100
 
 
+def test_bench_prompt_orders_pick_the_same_users_and_question_first_leaves_less_per_pair(shared_movies):
+    """bench-score --orders measures the reference's candidate-first order against this
+    project's question-first one on the same users and candidates."""
+    from transformers import AutoTokenizer
+
+    from siren_batch.assets import default_llm_dir
+    from siren_batch.backends.plan import shared_prefix_len
+    from siren_batch.bench_score import real_prompts
+
+    if not (default_llm_dir() / "config.json").exists():
+        pytest.skip("the default model is not converted here (make model)")
+    tok = AutoTokenizer.from_pretrained(default_llm_dir())
+    orders = {o: real_prompts(tok, shared_movies, users=3, candidates=4, order=o)
+              for o in ("candidate-first", "question-first")}
+    (before, users), (after, same_users) = orders.values()
+    assert users == same_users and len(before) == len(after) == 12 and before != after
+    own = {}
+    for order, (texts, groups) in orders.items():
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        prefix = [shared_prefix_len(ids[k:k + 4]) for k in range(0, 12, 4)]
+        own[order] = [len(row) - prefix[k // 4] for k, row in enumerate(ids)]
+    assert all(a < b for a, b in zip(own["question-first"], own["candidate-first"]))
+    with pytest.raises(ValueError, match="unknown prompt order"):
+        real_prompts(tok, shared_movies, users=1, candidates=1, order="sideways")
+
+
 # ---- the GPU benchmark's code path, run on the CPU ------------------------------------------
 
 def test_bench_score_gpu_without_a_gpu_says_so(capsys):
