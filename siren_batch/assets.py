@@ -69,6 +69,13 @@ def resolve_llm(name: str) -> str:
     return str(folder)
 
 
+def llm_id(name: str) -> str:
+    """The model_id a ratings row carries for score.model=`name`: a local folder's name
+    (the default model's too, prepared or not), else the name as given (a hub id)."""
+    path = default_llm_dir() if name == "default" else Path(name)
+    return path.name if name == "default" or path.is_dir() else name
+
+
 def training_meta(cfg: Config) -> dict:
     """siren_training.json of the scored adapter, else of the model folder (written by
     training and by `make export`); {} for a model this project did not train. Here,

@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas
-from siren_batch.assets import models_dir, resolve_llm
+from siren_batch.assets import llm_id, models_dir, resolve_llm
 from siren_batch.config import Config
 from siren_batch.features import KEY, candidate_features, split_features
 from siren_batch.warehouse import read_table, run_record, write_table
@@ -102,21 +102,35 @@ def _fit_frame(spark: SparkSession, cfg: Config) -> tuple[Any, tuple[int, float]
     ratings = read_table(spark, cfg, "ratings", schemas.RATINGS)
     run_date = cfg.calibrate.run_date or ratings.agg(F.max("run_date")).first()[0]
     scored = ratings.where((F.col("run_date") == run_date) & F.col("error").isNull())
+    _check_scored_by(scored, cfg, run_date)
     truth = (read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
              .where(F.col("split") == "valid").select(*KEY, F.col("rating").alias("label")))
     feats, als_params = split_features(spark, cfg, "valid")
-    frame = (scored.select(*KEY, "probs", "rating", "rating_median").join(truth, on=KEY, how="inner")
-             .join(feats, on=KEY, how="left"))
-    if cfg.calibrate.max_rows:
-        frame = frame.orderBy(F.xxhash64(*KEY)).limit(cfg.calibrate.max_rows)
-    pdf = frame.toPandas()
-    n_scored = scored.count()
+    pairs = (scored.select(*KEY, "probs", "rating", "rating_median").join(truth, on=KEY, how="inner")
+             .join(feats, on=KEY, how="left")).cache()
+    n_valid, n_scored = pairs.count(), scored.count()
     # A sampled valid run (score.limit) is fine; a partition of other pairs is not.
-    if len(pdf) < 0.5 * n_scored or not len(pdf):
-        raise ValueError(f"ratings run_date={run_date}: only {len(pdf)} of its {n_scored} scored rows are valid "
+    if n_valid < 0.5 * n_scored or not n_valid:
+        pairs.unpersist()
+        raise ValueError(f"ratings run_date={run_date}: only {n_valid} of its {n_scored} scored rows are valid "
                          f"pairs: score split:valid first "
                          f"(siren-batch score score.candidates=split:valid score.run_date=...)")
+    if cfg.calibrate.max_rows:
+        pdf = pairs.orderBy(F.xxhash64(*KEY)).limit(cfg.calibrate.max_rows).toPandas()
+    else:
+        pdf = pairs.toPandas()
+    pairs.unpersist()
     return pdf, als_params, run_date
+
+
+def _check_scored_by(scored: DataFrame, cfg: Config, run_date: str) -> None:
+    """The partition must hold the scores of the model and adapter the calibrator is stored
+    for (fitted_for); a calibrator fit on another model's scores would be applied to this one's."""
+    want = (llm_id(cfg.score.model), cfg.score.adapter)
+    seen = {(r.model_id, r.adapter_id) for r in scored.select("model_id", "adapter_id").distinct().collect()}
+    if seen - {want}:
+        raise ValueError(f"ratings run_date={run_date} were scored by (model_id, adapter_id) {sorted(seen, key=str)}, "
+                         f"not {want}: calibrate with the score.model and score.adapter that scored it")
 
 
 def calibrate(spark: SparkSession, cfg: Config) -> dict:

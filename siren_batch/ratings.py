@@ -25,7 +25,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas
-from siren_batch.assets import training_meta
+from siren_batch.assets import llm_id, training_meta
 from siren_batch.config import Config
 from siren_batch.console import Progress
 from siren_batch.timers import StageTimers
@@ -204,11 +204,15 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
     out = parts[0]
     for extra in parts[1:]:
         out = out.unionByName(extra, allowMissingColumns=True)
-    out = out.withColumn("model_id", F.coalesce("model_id", F.lit(cfg.score.model)))
+    out = out.withColumn("model_id", F.coalesce("model_id", F.lit(llm_id(cfg.score.model))))
     if training.get("target") == "residual":
         logger.info("residual model: adding the user+item bias prediction back to its ratings")
         out = add_base_back(spark, cfg, out, training)
     calibrator = load_if_present(cfg)
+    if calibrator is not None and cfg.score.candidates == "split:valid":
+        logger.info("calibrator at %s not applied: it was fit on the valid split these pairs come from, so "
+                    "its columns would be in-sample", calibrator_dir(cfg))
+        calibrator = None
     if calibrator is not None:
         logger.info("applying the calibrator stored at %s", calibrator_dir(cfg))
         out = apply_calibrator(spark, cfg, out, calibrator)
@@ -219,13 +223,19 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
     agg = written.agg(F.count("*").alias("rows"), F.count("error").alias("errors"),
                       F.sum("prompt_tokens").alias("prompt_tokens"),
                       F.sum("output_tokens").alias("output_tokens")).first()
-    by_error = {r.error.split(":")[0]: r["count"] for r in
-                written.where(F.col("error").isNotNull()).groupBy("error").count().collect()}
+    by_error = errors_by_reason(written)
     delete_path(spark, staging)
     return {"run_date": run_date, "rows": int(agg.rows or rows), "errors": int(agg.errors),
             "errors_by_reason": by_error, "prompt_tokens": int(agg.prompt_tokens or 0),
             "output_tokens": int(agg.output_tokens or 0), "table": cfg.table_path("ratings")}
 
+
+
+def errors_by_reason(ratings: DataFrame) -> dict[str, int]:
+    """{reason: rows} over the rows with an error; a reason is the error's text before its
+    first ':' (`prompt_too_long: 9000 tokens > 8192` counts as prompt_too_long)."""
+    return {r.reason: r["count"] for r in ratings.where(F.col("error").isNotNull())
+            .groupBy(F.split("error", ":")[0].alias("reason")).count().collect()}
 
 
 def add_base_back(spark: SparkSession, cfg: Config, out: DataFrame, training: dict) -> DataFrame:

@@ -102,8 +102,9 @@ def _warehouse(spark, cfg):
     return rows
 
 
-def _ratings(spark, cfg, rows, split, run_date):
-    """Raw scores whose distribution leans on the true rating, one error row."""
+def _ratings(spark, cfg, rows, split, run_date, model_id="smollm2-135m-instruct"):
+    """Raw scores whose distribution leans on the true rating, one error row; scored by
+    model_id (the default model's, as the score stage writes it)."""
     from pyspark.sql import functions as F
 
     from siren_batch import schemas
@@ -119,7 +120,7 @@ def _ratings(spark, cfg, rows, split, run_date):
         p = (np.exp(logits) / np.exp(logits).sum()).tolist()
         err = "prompt_too_long: 9 tokens > 8" if u == "u0" else None
         out.append((u, i, None if err else float(np.dot(p, range(1, 6))), None, None, None if err else p,
-                    10, 1, "m", None, "h", "r", err, None, None, None, run_date))
+                    10, 1, model_id, None, "h", "r", err, None, None, None, run_date))
     frame = spark.createDataFrame(out, schemas.RATINGS).withColumn("run_date", F.lit(run_date))
     write_table(frame, cfg, "ratings", schemas.RATINGS, partition_by=["run_date"])
 
@@ -128,7 +129,7 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
     from pyspark.sql import functions as F
 
     from siren_batch import schemas
-    from siren_batch.calibration import calibrate, load_if_present
+    from siren_batch.calibration import _fit_frame, calibrate, load_if_present
     from siren_batch.config import load_config
     from siren_batch.warehouse import read_table
 
@@ -160,6 +161,17 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
                                    "calibrate.run_date=2026-01-02", "calibrate.folds=2"])
     with pytest.raises(ValueError, match="only 0 of its 39 scored rows are valid pairs: score split:valid first"):
         calibrate(spark, wrong)
+    other_adapter = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal3'}",
+                                           "calibrate.run_date=2026-01-01", f"score.adapter={tmp_path / 'adapter'}"])
+    with pytest.raises(ValueError, match="were scored by .*not .*adapter"):
+        calibrate(spark, other_adapter)
+    # a sample of the valid pairs, smaller than half of them
+    sampled = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal4'}",
+                                     "calibrate.run_date=2026-01-01", "calibrate.max_rows=12", "calibrate.folds=2",
+                                     "evaluate.als_ranks=[2]", "evaluate.als_reg_params=[0.1]",
+                                     "evaluate.als_max_iter=3"])
+    frame, _, _ = _fit_frame(spark, sampled)
+    assert len(frame) == 12 and frame["label"].notna().all()
 
 
 # ---- the probe ----------------------------------------------------------------------------

@@ -297,6 +297,15 @@ def test_score_frame_on_spark(spark, tiny_model, prompts):
     assert spread.rdd.getNumPartitions() == 3 and spread.count() == 5
 
 
+def test_errors_are_counted_by_reason_whatever_their_detail(spark):
+    from siren_batch.ratings import errors_by_reason
+
+    errors = ["prompt_too_long: 9000 tokens > 8192", "prompt_too_long: 9100 tokens > 8192", "empty_prompt",
+              "forward_failed: RuntimeError: boom", "forward_failed: ValueError: nan", None, None]
+    frame = spark.createDataFrame([(f"i{k}", e) for k, e in enumerate(errors)], "item_id string, error string")
+    assert errors_by_reason(frame) == {"prompt_too_long": 2, "empty_prompt": 1, "forward_failed": 2}
+
+
 # ---- the bundled SmolLM2 on real prompts ------------------------------------------------------
 
 def test_smollm2_paths_agree_on_real_prompts(shared_movies):

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from siren_batch.assets import resolve_llm
+from siren_batch.assets import llm_id, resolve_llm
 from siren_batch.config import ScoreConfig
 from siren_batch.backends.base import SCALE, ScoreResult, parse_answer, rating_token_ids, readout
 from siren_batch.backends.device import max_positions, pick_device, pick_dtype
@@ -89,7 +88,7 @@ class TransformersBackend:
                 from peft import PeftModel
 
                 model = PeftModel.from_pretrained(model, cfg.adapter).merge_and_unload()
-            self.model_id = Path(path).name if Path(path).is_dir() else cfg.model
+            self.model_id = llm_id(cfg.model)
         else:
             self.model_id = cfg.model
         self.tokenizer = tokenizer

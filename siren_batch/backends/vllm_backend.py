@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from siren_batch.assets import resolve_llm
+from siren_batch.assets import llm_id, resolve_llm
 from siren_batch.config import ScoreConfig
 from siren_batch.backends.base import SCALE, ScoreResult, parse_answer, rating_token_ids, readout
 
@@ -116,7 +116,7 @@ class VLLMBackend:
         self.rating_ids = rating_token_ids(self.tokenizer, SCALE)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)
-        self.model_id = Path(path).name if Path(path).is_dir() else cfg.model
+        self.model_id = llm_id(cfg.model)
         self.adapter_id = cfg.adapter
         # Work done so far (benchmarks, tests): prompts run, their tokens, and tokens read from the prefix cache.
         self.stats = {"prompts": 0, "prompt_tokens": 0, "cached_tokens": 0}
