@@ -74,6 +74,12 @@ class DataConfig:
         _require(self.source in self.SOURCES,
                  f"data.source={self.source!r} is not one of {', '.join(self.SOURCES)}")
         _require(self.rating_min < self.rating_max, "data.rating_min must be < data.rating_max")
+        # The model answers with the tokens 1-5, and the baselines, readouts and metrics share
+        # that scale; other scales are mapped onto it before ingest (left for later).
+        _require(1.0 <= self.rating_min and self.rating_max <= 5.0,
+                 f"data.rating_min/rating_max = {self.rating_min:g}/{self.rating_max:g}: ratings must lie on the "
+                 "1-5 scale (the model answers 1-5; baselines, readouts and metrics use it); map another scale "
+                 "onto 1-5 before ingest")
         _require(0.0 <= self.max_reject_fraction <= 1.0,
                  "data.max_reject_fraction must be within [0, 1]")
         _require(self.kcore >= 0, "data.kcore must be >= 0 (0 turns k-core filtering off)")
@@ -295,6 +301,8 @@ class TrainConfig:
     checkpoint_every: int = 25        # optimizer steps between checkpoints
     eval_at_start: bool = True        # evaluate the untrained model first (the curve's step 0)
     max_grad_norm: float = 1.0        # gradient clipping; 0 = off
+    gradient_checkpointing: bool = False  # keep only each decoder layer's input, recompute the rest in backward:
+                                      # activation memory / layers, for ~one more forward pass of compute
     progress_every_s: float = 30.0    # seconds between progress log lines
     max_minutes: float | None = None  # wall-time budget of one invocation: stop after the step that crosses it
                                       # (valid evaluation, checkpoint); the next invocation continues the run

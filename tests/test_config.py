@@ -35,6 +35,10 @@ def test_bad_values_fail_with_fix():
         load_config(overrides=["topics.k=many"])
     with pytest.raises(ConfigError, match="looks like|must look like"):
         parse_overrides(["topics.k"])
+    for scale in (["data.rating_min=0.5"], ["data.rating_max=10"]):    # half stars from 0.5, a 1-10 scale
+        with pytest.raises(ConfigError, match="ratings must lie on the 1-5 scale"):
+            load_config(overrides=scale)
+    assert load_config(overrides=["data.rating_min=2"]).data.rating_min == 2.0   # a narrower range is fine
 
 
 def test_conf_file_and_local_layers(tmp_path):
