@@ -234,6 +234,33 @@ def test_right_padding_of_very_different_lengths_keeps_gradients_finite(tiny_mod
     np.testing.assert_allclose(logits[0].detach().numpy(), alone[0].detach().numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_recomputes_each_layer_and_gives_the_same_gradients(tiny_model, tok, method):
+    """train.gradient_checkpointing: each decoder layer runs again in backward (it kept
+    only its input), and the trained weights' gradients do not change, on packed rows."""
+    from siren_batch.backends import rating_token_ids
+
+    enc = encode(_rows(tok, users=2), tok, _cfg(tiny_model))
+    ids = rating_token_ids(tok)
+    grads, calls = {}, {}
+    for checkpointed in (False, True):
+        model = M.build_model(_cfg(tiny_model, method=method, lora_dropout=0.0,
+                                   gradient_checkpointing=checkpointed), str(tiny_model), "cpu")
+        batch = batching.collate(batching.pack_units(enc.ids, enc.groups, 4, 256), tok.pad_token_id,
+                                 mask_kind=M.mask_kind(model))
+        layer = M.core_model(model).get_decoder().layers[0]
+        calls[checkpointed] = 0
+        # a pre-hook: the recomputation stops early once backward has what it needs, before forward hooks
+        layer.register_forward_pre_hook(lambda *_, c=checkpointed: calls.__setitem__(c, calls[c] + 1))
+        objective.losses(M.rating_logits(model, batch, ids), enc.targets[batch.rows], "both").mean().backward()
+        grads[checkpointed] = {n: p.grad.numpy().copy() for n, p in M.trainable_params(model).items()}
+    assert calls == {False: 1, True: 2}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 0
+    for name, grad in grads[False].items():
+        np.testing.assert_allclose(grads[True][name], grad, atol=1e-6, err_msg=name)
+    assert any(np.abs(g).max() > 0 for g in grads[True].values())
+
+
 def test_pack_units_respects_the_limits():
     ids = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7], [1, 2, 3, 4, 5, 8], [1, 2, 9, 9, 9, 9], [1, 2, 3, 4, 5, 6]]
     units = batching.pack_units(ids, ["u", "u", "u", "u", "v"], max_suffixes=2, max_row_tokens=64)

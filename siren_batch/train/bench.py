@@ -37,11 +37,16 @@ from siren_batch.train import batching, model as M, objective
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = [  # (name, method, bf16, pack)
-    ("lora fp32 unpacked", "lora", False, False), ("lora bf16 unpacked", "lora", True, False),
-    ("lora fp32 packed", "lora", False, True), ("lora bf16 packed", "lora", True, True),
-    ("full bf16 unpacked", "full", True, False), ("full bf16 packed", "full", True, True),
-    ("align ha bf16 packed", "align", True, True)]
+CONFIGS = [  # (name, method, bf16, pack, gradient checkpointing)
+    ("lora fp32 unpacked", "lora", False, False, False), ("lora bf16 unpacked", "lora", True, False, False),
+    ("lora fp32 packed", "lora", False, True, False), ("lora bf16 packed", "lora", True, True, False),
+    ("full bf16 unpacked", "full", True, False, False), ("full bf16 packed", "full", True, True, False),
+    ("align ha bf16 packed", "align", True, True, False),
+    ("lora fp32 unpacked checkpointed", "lora", False, False, True),
+    ("lora bf16 unpacked checkpointed", "lora", True, False, True),
+    ("lora fp32 packed checkpointed", "lora", False, True, True),
+    ("lora bf16 packed checkpointed", "lora", True, True, True),
+    ("full bf16 packed checkpointed", "full", True, True, True)]
 # The default set keeps `make bench-train` within ~5 minutes on a busy 2-core machine.
 DEFAULT = ["lora fp32 unpacked", "lora bf16 unpacked", "lora bf16 packed", "full bf16 packed", "align ha bf16 packed"]
 
@@ -85,13 +90,15 @@ def step_flops(model, batch, n_examples: int, method: str, lora_r: int) -> float
     return 2 * (2 * linear * tokens) + 6 * lora * tokens + 3 * (attention + head)
 
 
-def run_config(name: str, method: str, bf16: bool, pack: bool, ids, groups, targets, args, path) -> dict:
+def run_config(name: str, method: str, bf16: bool, pack: bool, checkpointed: bool, ids, groups, targets, args,
+               path) -> dict:
     import torch
 
     from siren_batch.train.align import align_losses
 
     align = method == "align"    # SIREN stage 2: LoRA on k/v, HA loss against cached teacher states
     cfg = TrainConfig(method="lora" if align else method, batch_size=args.batch_size, max_seq_len=4096, lr=1e-4,
+                      gradient_checkpointing=checkpointed,
                       **({"lora_targets": ["k_proj", "v_proj"]} if align else {}))
     device = pick_device("auto")
     model = M.build_model(cfg, path, device)
@@ -131,6 +138,7 @@ def run_config(name: str, method: str, bf16: bool, pack: bool, ids, groups, targ
     peak_mem = (torch.cuda.max_memory_allocated() if device == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     row = {"config": name, "method": method, "precision": "bf16 autocast" if bf16 else "fp32", "packed": pack,
+           "gradient_checkpointing": checkpointed,
            "device": device, "steps": len(timed), "examples": examples,
            "rows_per_step": round(float(np.mean([b.input_ids.shape[0] for b in timed])), 1),
            "tokens_per_step": round(float(np.mean([b.tokens for b in timed])), 1),
@@ -184,6 +192,7 @@ def run_bench(args) -> dict:
             "prompts": len(ids), "users": args.users, "batch_size": args.batch_size,
             "mean_prompt_tokens": round(float(np.mean([len(r) for r in ids])), 1),
             "matmul_peak_gflops": peaks, "configs": rows, "speedups": ratios(rows),
+            "peak_memory_ratios": ratios(rows, "peak_memory_mib"),
             "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -195,12 +204,17 @@ RATIOS = [  # (label, numerator config, denominator config), in examples/s
     ("bf16 vs fp32, LoRA packed", "lora bf16 packed", "lora fp32 packed"),
     ("LoRA vs full, bf16 packed", "lora bf16 packed", "full bf16 packed"),
     ("stage-2 alignment (HA, k/v LoRA) vs answer-only SFT (LoRA q/k/v/o), bf16 packed", "align ha bf16 packed",
-     "lora bf16 packed")]
+     "lora bf16 packed"),
+    ("gradient checkpointing vs not, LoRA fp32 unpacked", "lora fp32 unpacked checkpointed", "lora fp32 unpacked"),
+    ("gradient checkpointing vs not, LoRA bf16 unpacked", "lora bf16 unpacked checkpointed", "lora bf16 unpacked"),
+    ("gradient checkpointing vs not, LoRA fp32 packed", "lora fp32 packed checkpointed", "lora fp32 packed"),
+    ("gradient checkpointing vs not, LoRA bf16 packed", "lora bf16 packed checkpointed", "lora bf16 packed"),
+    ("gradient checkpointing vs not, full bf16 packed", "full bf16 packed checkpointed", "full bf16 packed")]
 
 
-def ratios(rows: list[dict]) -> dict[str, float]:
-    """The RATIOS whose two configurations both ran."""
-    by = {r["config"]: r["examples_per_s"] for r in rows}
+def ratios(rows: list[dict], key: str = "examples_per_s") -> dict[str, float]:
+    """The RATIOS whose two configurations both ran, of `key` (examples/s, or peak memory)."""
+    by = {r["config"]: r[key] for r in rows}
     return {label: round(by[a] / by[b], 2) for label, a, b in RATIOS if a in by and b in by}
 
 
@@ -220,6 +234,8 @@ def markdown(p: dict) -> str:
         f"native bf16 on this CPU: {p['cpu_native_bf16']}.\n"
         f"Matmul peak measured in this run (2048^3): {p['matmul_peak_gflops']} GFLOP/s.\n"
         "Speed-ups in examples/s: " + "; ".join(f"{k} {v}x" for k, v in ratios(rows).items()) + ".\n"
+        "Peak memory ratios: " + "; ".join(f"{k} {v}x" for k, v in ratios(rows, "peak_memory_mib").items())
+        + ".\n"
         "GFLOP/s counts executed work (padding and masked attention entries included; see "
         "siren_batch/train/bench.py for the LoRA / full formulas). Peak memory: peak RSS of a fresh process "
         f"per configuration, model load included (CUDA: max allocated); driver ru_maxrss {p['ru_maxrss_mib']} MiB.\n"

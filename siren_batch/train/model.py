@@ -39,12 +39,15 @@ def autocast(device: str, bf16: bool):
 
 def build_model(cfg: TrainConfig, path: str, device: str):
     """fp32 model with LoRA adapters on cfg.lora_targets (only they train), or every
-    weight trainable (method=full)."""
+    weight trainable (method=full); with cfg.gradient_checkpointing each decoder layer
+    recomputes its activations in backward (non-reentrant: frozen inputs need no grad hook)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)   # LoRA A matrices are drawn here: same seed, same start
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 # Options that change neither the numbers nor the data order: a run may resume with
 # other values for them.
 RESUMABLE_CHANGES = ("torch_threads", "checkpoint_every", "progress_every_s", "eval_every", "patience",
-                     "max_minutes")
+                     "max_minutes", "gradient_checkpointing")   # the last: same gradients, less memory
 
 
 @dataclass
