@@ -10,18 +10,25 @@ $OUT. So everything is packed here, in two halves, one per call:
     python -m siren_batch.gpu_kit unpack <the returned folder>                            # here again
 
 - call 1 carries the first half of the default LLM's GGUF file, which `run` keeps in
-  --stash for call 2, and the bench-score-gpu inputs: it runs `make bench-score-gpu`
-  (random weights, no model needed) within the call's minutes.
+  --stash (an ignored folder of the checkout there, kept while the machine stays warm)
+  for call 2, and the bench-score-gpu inputs: it runs `make bench-score-gpu` (random
+  weights, no model needed) within the call's minutes (--no-bench: only the stash, for
+  a call 2 that found a fresh machine).
 - call 2 carries the second half, the `gguf` reader (pure Python, with its metadata,
   which transformers checks), the tokenizer and config files, and per dataset the
   train and valid rows of `training_rows` (prompts rendered here, with the bias base)
   plus the run's resolved config. `run` joins the halves (sha256 checked), dequantises
   them into a plain HF folder, checks a few tensors against the folder here (so an
   adapter trained there fits the base model here), then trains each dataset's run
-  with train.max_minutes set to its share of what is left.
-- `unpack` copies the runs into <train.out_dir>/<dataset>/<name>/ (no checkpoint: it
-  holds device paths) with the base model paths pointed at this machine's, and the
-  benchmark files into notebooks/benchmarks/. Score, evaluate, calibrate and export
+  with train.max_minutes set to its share of what is left; a run that runs out of GPU
+  memory goes on from its last checkpoint with gradient checkpointing (same gradients).
+- What comes back obeys the device tool's limits (RETURN_LIMITS: a few files, none deep
+  or over 16 MiB): each trained run travels as one tar (no checkpoint) cut into
+  `<dataset>.tar.partN` at the top of $OUT, written even when the training fails midway;
+  `return_problems` checks a call's $OUT against the limits and the report records it.
+- `unpack` joins the parts (sha256 from the report), places the runs in
+  <train.out_dir>/<dataset>/<name>/ with the base model paths pointed at this machine's,
+  and the benchmark files in notebooks/benchmarks/. Score, evaluate, calibrate and export
   them as any trained run (the README's GPU-session section lists the commands).
 
 The kit's training options are the `conf/gpu-kit.yaml` layer (LoRA on every linear
@@ -33,7 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
+import gc
 import importlib
 import json
 import logging
@@ -41,10 +48,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
+
+from siren_batch.device_files import (CARRY_LIMIT_MIB, join_parts, return_problems, returned_runs, send_run_back,
+                                      sha256, split_file)
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +66,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "chat_template.jinja", "special_tokens_map.json")
 CHECKED_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
                    "model.layers.0.mlp.down_proj.weight")
-DEFAULT_STASH = Path("/tmp/siren-gpu-kit")
-CARRY_LIMIT_MIB = 64   # what one call of the device tool carries
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+DEFAULT_STASH = Path("build/gpu-kit-stash")   # relative: the checkout there; ignored, kept between calls
 
 
 def tensor_checks(model_dir: Path) -> dict[str, float]:
@@ -77,35 +79,6 @@ def tensor_checks(model_dir: Path) -> dict[str, float]:
             if name in f.keys():
                 out[name] = float(f.get_tensor(name).double().abs().sum())
     return out
-
-
-def split_file(src: Path, dests: list[Path]) -> list[dict]:
-    """src cut into len(dests) consecutive parts of near-equal size."""
-    data_len, parts = src.stat().st_size, []
-    size = -(-data_len // len(dests))
-    with src.open("rb") as f:
-        for dest in dests:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(f.read(size))
-            parts.append({"name": dest.name, "bytes": dest.stat().st_size, "sha256": sha256(dest)})
-    return parts
-
-
-def join_parts(stash: Path, manifest: dict, dest: Path) -> Path:
-    """The parts in stash joined into dest, each part and the whole checked by sha256."""
-    missing = [p["name"] for p in manifest["parts"] if not (stash / p["name"]).exists()]
-    if missing:
-        raise SystemExit(f"gpu-kit: {', '.join(missing)} not in {stash}: run call 1 first, on the same warm "
-                         "machine (a fresh machine starts with an empty stash)")
-    with dest.open("wb") as out:
-        for part in manifest["parts"]:
-            path = stash / part["name"]
-            if sha256(path) != part["sha256"]:
-                raise SystemExit(f"gpu-kit: {path} is damaged (sha256 differs from the manifest): repack")
-            out.write(path.read_bytes())
-    if sha256(dest) != manifest["gguf_sha256"]:
-        raise SystemExit(f"gpu-kit: the joined {dest.name} differs from the packed file: repack")
-    return dest
 
 
 # ---- here: pack --------------------------------------------------------------------------
@@ -188,10 +161,12 @@ def _commit() -> str | None:
 
 # ---- there: run --------------------------------------------------------------------------
 
-def run(kit: Path, out: Path, minutes: float, stash: Path = DEFAULT_STASH) -> dict:
+def run(kit: Path, out: Path, minutes: float, stash: Path = DEFAULT_STASH, bench: bool = True) -> dict:
     """Do what this call's half of the kit allows (module doc), within `minutes`;
     everything worth keeping goes under `out`, with gpu_kit-<call>.json."""
     deadline = time.monotonic() + 60 * minutes
+    # before CUDA starts: packed rows of varying width fragment the caching allocator
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if (kit / "pylib").is_dir():   # the packed gguf reader, before transformers looks for it
         sys.path.insert(0, str(kit / "pylib"))
         importlib.invalidate_caches()
@@ -207,11 +182,16 @@ def run(kit: Path, out: Path, minutes: float, stash: Path = DEFAULT_STASH) -> di
     def save() -> None:   # after every step: a call cut off at its limit still returns what it did
         path.write_text(json.dumps(report, indent=1, default=str))
 
-    if (kit / "bench").is_dir():
+    if (kit / "bench").is_dir() and bench:
         report["steps"]["bench"] = _bench(kit / "bench", out, deadline)
         save()
     if (kit / "runs").is_dir():
-        model_dir = _model(kit, stash, manifest, report)
+        try:
+            model_dir = _model(kit, stash, manifest, report)
+        except SystemExit as stop:   # e.g. call 1's half not here: the report says so, then the call ends
+            report["steps"]["model"] = {"failed": str(stop)}
+            save()
+            raise
         runs = sorted(p for p in (kit / "runs").iterdir() if p.is_dir())
         for i, folder in enumerate(runs):
             share = (deadline - time.monotonic() - 30) / 60 / (len(runs) - i)   # 30 s for the copies
@@ -224,6 +204,7 @@ def run(kit: Path, out: Path, minutes: float, stash: Path = DEFAULT_STASH) -> di
                 logger.exception("gpu-kit: %s failed", folder.name)
                 report["steps"][folder.name] = {"failed": f"{type(err).__name__}: {err}"}
             save()
+    report["return_problems"] = return_problems(out) or "none: everything under --out comes back"
     save()
     return report
 
@@ -284,6 +265,9 @@ def _model(kit: Path, stash: Path, manifest: dict, report: dict) -> Path:
 
 
 def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float) -> dict:
+    """Train one packed dataset within `minutes`; out of GPU memory, go on from the last
+    checkpoint with gradient checkpointing. Whatever the run holds then (best/, curve)
+    goes back as parts, also when the training failed."""
     from siren_batch.config import load_config
     from siren_batch.train.sft import train
 
@@ -293,14 +277,37 @@ def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float
     run_dir = stash / "trained" / cfg.dataset / run_cfg.name
     started = time.monotonic()
     meta = {"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": run_cfg.name, "device_name": _device_name()}
-    summary = train(_columns(folder / "train.parquet"), _columns(folder / "valid.parquet"), run_cfg, run_dir, meta)
-    dest = out / "trained" / cfg.dataset / run_cfg.name
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("checkpoint*"))
-    shutil.copy(folder / "config.yaml", dest / "config.yaml")
+    rows = _columns(folder / "train.parquet"), _columns(folder / "valid.parquet")
+    step = {"minutes_given": round(minutes, 2)}
+    try:
+        try:
+            summary = train(*rows, run_cfg, run_dir, meta)
+        except Exception as err:
+            if type(err).__name__ != "OutOfMemoryError" or run_cfg.gradient_checkpointing:
+                raise
+            step["out_of_memory"] = str(err).splitlines()[0][:300]
+            summary = None
+        if summary is None:   # outside the except: its traceback no longer holds the tensors
+            _free_gpu()
+            left = minutes - (time.monotonic() - started) / 60
+            logger.warning("gpu-kit: %s ran out of GPU memory; going on with gradient checkpointing (%.1f min)",
+                           cfg.dataset, left)
+            run_cfg = dataclasses.replace(run_cfg, gradient_checkpointing=True, max_minutes=max(left, 0.5))
+            summary = train(*rows, run_cfg, run_dir, meta)
+    finally:
+        step["parts"] = send_run_back(run_dir, folder / "config.yaml", out, cfg.dataset)
+        step["seconds"] = round(time.monotonic() - started, 1)
+        _free_gpu()
     return {"status": summary["status"], "steps": summary["steps_done"], "examples_seen": summary["examples_seen"],
-            "best": summary["best"], "seconds": round(time.monotonic() - started, 1), "minutes_given": round(minutes, 2)}
+            "best": summary["best"], **step}
+
+
+def _free_gpu() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _columns(path: Path) -> dict:
@@ -316,9 +323,7 @@ def _columns(path: Path) -> dict:
 def unpack(results: Path, force: bool = False) -> list[Path]:
     """A call's returned folder -> <train.out_dir>/<dataset>/<name>/ and notebooks/benchmarks/."""
     from siren_batch.assets import resolve_llm
-    from siren_batch.config import load_config
     from siren_batch.profiling import RESULTS_DIR
-    from siren_batch.train.stages import run_dir as home_of
 
     placed = []
     for bench in sorted((results / "benchmarks").glob("bench-score-gpu.*")):
@@ -326,23 +331,32 @@ def unpack(results: Path, force: bool = False) -> list[Path]:
         shutil.copy(bench, RESULTS_DIR / bench.name)
         placed.append(RESULTS_DIR / bench.name)
     local = resolve_llm("default")
-    for run_dir in sorted(p for p in (results / "trained").glob("*/*") if p.is_dir()):
-        cfg = load_config([str(run_dir / "config.yaml")])
-        dest = home_of(cfg)   # <train.out_dir>/<dataset>/<train.name>, where train-sft puts a run
-        if dest.exists() and not force:
-            raise SystemExit(f"gpu-kit: {dest} exists: pass --force to replace it, or rename the run")
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(run_dir, dest)
-        for meta_file in ("training_meta.json", "metrics.json", "best/siren_training.json"):
-            _rebase(dest / meta_file, "base_model", local)
-        _rebase(dest / "training_meta.json", "base_model_option", cfg.train.base_model)
-        _rebase(dest / "best" / "adapter_config.json", "base_model_name_or_path", local)
-        resolved = yaml.safe_load((dest / "train_config.yaml").read_text())
-        resolved["train"].update(base_model=cfg.train.base_model, out_dir=cfg.train.out_dir)
-        (dest / "train_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        placed.append(dest)
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_dir in returned_runs(results, Path(tmp)):
+            placed.append(_place(run_dir, local, force))
     return placed
+
+
+def _place(run_dir: Path, local: str, force: bool) -> Path:
+    """One returned run into <train.out_dir>/<dataset>/<name>/, base paths pointed here."""
+    from siren_batch.config import load_config
+    from siren_batch.train.stages import run_dir as home_of
+
+    cfg = load_config([str(run_dir / "config.yaml")])
+    dest = home_of(cfg)   # <train.out_dir>/<dataset>/<train.name>, where train-sft puts a run
+    if dest.exists() and not force:
+        raise SystemExit(f"gpu-kit: {dest} exists: pass --force to replace it, or rename the run")
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(run_dir, dest)
+    for meta_file in ("training_meta.json", "metrics.json", "best/siren_training.json"):
+        _rebase(dest / meta_file, "base_model", local)
+    _rebase(dest / "training_meta.json", "base_model_option", cfg.train.base_model)
+    _rebase(dest / "best" / "adapter_config.json", "base_model_name_or_path", local)
+    resolved = yaml.safe_load((dest / "train_config.yaml").read_text())
+    resolved["train"].update(base_model=cfg.train.base_model, out_dir=cfg.train.out_dir)
+    (dest / "train_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return dest
 
 
 def _rebase(path: Path, key: str, local: str) -> None:
@@ -370,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--minutes", type=float, required=True, help="this call's wall-time budget")
     r.add_argument("--stash", type=Path, default=DEFAULT_STASH, help="kept between the calls")
+    r.add_argument("--no-bench", action="store_true",
+                   help="call 1 without its benchmark: only keep its half in the stash (a call 2 that found "
+                        "a fresh machine says so; repeat call 1 this way, then call 2)")
     u = sub.add_parser("unpack", help="here again: place a call's returned folder")
     u.add_argument("results", type=Path)
     u.add_argument("--force", action="store_true")
@@ -383,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         info = pack(get_spark(cfgs[0].spark), cfgs, args.out, args.bench_pairs)
         print(json.dumps({"mib": info["mib"], "runs": info["runs"]}, indent=1))
     elif args.command == "run":
-        print(json.dumps(run(args.kit, args.out, args.minutes, args.stash), indent=1, default=str))
+        print(json.dumps(run(args.kit, args.out, args.minutes, args.stash, bench=not args.no_bench), indent=1,
+                         default=str))
     else:
         for path in unpack(args.results, args.force):
             print(path)

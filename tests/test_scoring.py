@@ -394,12 +394,14 @@ def test_bench_score_gpu_paths_on_cpu(backend, tmp_path, monkeypatch):
 
 
 def test_backends_and_the_gpu_benchmark_import_without_pyspark():
-    """A GPU box with torch but no Spark runs the backend and bench-score-gpu."""
+    """A GPU box with torch but no Spark (nor polars, TRL, vLLM, DuckDB) runs the backend,
+    bench-score-gpu and the GPU kit's training."""
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['pyspark'] = None\n"
+    code = ("import sys\nfor name in ('pyspark', 'polars', 'trl', 'vllm', 'duckdb'): sys.modules[name] = None\n"
             "import siren_batch.backends.transformers_backend, siren_batch.backends.plan, siren_batch.bench_gpu\n"
-            "from siren_batch.backends import load_backend")
+            "from siren_batch.backends import load_backend\n"
+            "import siren_batch.gpu_kit, siren_batch.train.sft, siren_batch.train.loop  # the GPU kit's run")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -145,12 +145,12 @@ def collate(units: list[Unit], pad_id: int, device: str = "cpu", mask_kind: str 
             start = end
     real = segment >= 0
     if all(len(u.suffixes) == 1 for u in units):
-        mask = real.long()
-    else:
-        mask = _block_mask(segment)
+        mask = real.long().to(device)
+    else:   # built where it is used: a [B, 1, T, T] mask is large to build on a host and copy
+        mask = _block_mask(segment.to(device))
         if mask_kind == "additive":
-            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    return Batch(input_ids.to(device), positions.to(device), mask.to(device),
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return Batch(input_ids.to(device), positions.to(device), mask,
                  torch.tensor(rows, device=device), torch.tensor(cols, device=device), order, int(real.sum()))
 
 
@@ -158,9 +158,9 @@ def _block_mask(segment):
     """bool [B, 1, T, T]: query q may attend key k (see collate)."""
     import torch
 
-    width = segment.shape[1]
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    width, device = segment.shape[1], segment.device
+    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
     q, k = segment[:, :, None], segment[:, None, :]
     allowed = causal & (k >= 0) & ((k == 0) | (k == q))
-    allowed |= torch.eye(width, dtype=torch.bool) & (q < 0)     # pads see themselves
+    allowed |= torch.eye(width, dtype=torch.bool, device=device) & (q < 0)     # pads see themselves
     return allowed[:, None]
