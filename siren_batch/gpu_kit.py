@@ -276,7 +276,8 @@ def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float
                                   out_dir=str(stash / "trained"), max_minutes=minutes)
     run_dir = stash / "trained" / cfg.dataset / run_cfg.name
     started = time.monotonic()
-    meta = {"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": run_cfg.name, "device_name": _device_name()}
+    meta = {"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": run_cfg.name, "device_name": _device_name(),
+            "priors": cfg.prompts.priors}
     rows = _columns(folder / "train.parquet"), _columns(folder / "valid.parquet")
     step = {"minutes_given": round(minutes, 2)}
     try:

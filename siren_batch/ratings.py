@@ -106,6 +106,7 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
     run_date = cfg.score.run_date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     load_if_present(cfg)  # a calibrator fit for other settings fails here, not after the scoring
     training = training_meta(cfg)
+    check_prompts_match_training(cfg, training)
     trained_prefill = training.get("think_prefill")
     if cfg.score.mode == "cot" and trained_prefill is not None and trained_prefill != cfg.prompts.think_prefill:
         logger.warning("the model was trained with prompts.think_prefill=%s, scored with %s: set "
@@ -229,6 +230,18 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
             "errors_by_reason": by_error, "prompt_tokens": int(agg.prompt_tokens or 0),
             "output_tokens": int(agg.output_tokens or 0), "table": cfg.table_path("ratings")}
 
+
+
+def check_prompts_match_training(cfg: Config, training: dict) -> None:
+    """A trained model is scored with the prompts it learned: its prompt variant, and
+    whether the as-of priors were in them (recorded since 2026-11-27; older runs say nothing)."""
+    trained = {"score.variant": training.get("variant"), "prompts.priors": training.get("priors")}
+    now = {"score.variant": cfg.score.variant, "prompts.priors": cfg.prompts.priors}
+    differ = [f"{key}={trained[key]} (now {now[key]})" for key in trained
+              if trained[key] is not None and trained[key] != now[key]]
+    if differ:
+        raise ValueError(f"the model was trained on other prompts: set {', '.join(differ)} to score it "
+                         "with the prompts it learned")
 
 
 def errors_by_reason(ratings: DataFrame) -> dict[str, int]:

@@ -106,6 +106,7 @@ def test_run_trains_each_packed_dataset_and_unpack_places_it_here(cfg, tiny_mode
     assert adapter["trained_base_model_name_or_path"] == str(stash / "model")
     for meta in ("training_meta.json", "best/siren_training.json"):
         assert json.loads((dest / meta).read_text())["base_model"] == here
+        assert json.loads((dest / meta).read_text())["priors"] is cfg.prompts.priors   # checked when scored
     assert json.loads((dest / "training_meta.json").read_text())["base_model_option"] == "default"
     resolved = yaml.safe_load((dest / "train_config.yaml").read_text())["train"]
     assert (resolved["base_model"], resolved["out_dir"]) == ("default", str(tmp_path / "models"))

@@ -116,6 +116,20 @@ def test_every_loss_and_target_runs(tiny_model, tok, tmp_path, loss, target):
     assert summary["best"]["valid_rmse"] >= 0 and summary["curve"][0]["step"] == 0
 
 
+def test_scoring_refuses_prompts_other_than_the_trained_ones():
+    from siren_batch.config import load_config
+    from siren_batch.ratings import check_prompts_match_training
+
+    cfg = load_config()
+    check_prompts_match_training(cfg, {})                                      # a model not trained here
+    check_prompts_match_training(cfg, {"variant": "sketch", "priors": None})   # a run from before priors were kept
+    check_prompts_match_training(cfg, {"variant": "sketch", "priors": False})
+    with pytest.raises(ValueError, match=r"trained on other prompts: set prompts.priors=True \(now False\)"):
+        check_prompts_match_training(cfg, {"variant": "sketch", "priors": True})
+    with pytest.raises(ValueError, match=r"set score.variant=recent \(now sketch\), prompts.priors=True"):
+        check_prompts_match_training(cfg, {"variant": "recent", "priors": True})
+
+
 def test_residual_metrics_add_the_base_back():
     logits = np.log([[0.0001, 0.0001, 0.9996, 0.0001, 0.0001]])   # E[r] ~ 3: "no change from base"
     m = objective.valid_metrics(logits, [4.0], [3.75], "residual")

@@ -213,7 +213,8 @@ class SFTRun:
         with checkpoint.atomic_dir(self.run_dir / "best") as tmp:
             M.save_model(self.model, self.tokenizer, tmp, self.cfg.method)
             (tmp / "siren_training.json").write_text(json.dumps(
-                {**scorer_meta(self.cfg), "base_model": self.path, "step": self.state["step"]}, indent=1))
+                {**scorer_meta(self.cfg), "priors": self.info.get("priors"), "base_model": self.path,
+                 "step": self.state["step"]}, indent=1))
         logger.info("best weights (step %d) -> %s", self.state["step"], self.run_dir / "best")
 
     # ---- checkpoints -----------------------------------------------------------------

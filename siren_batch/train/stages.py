@@ -47,7 +47,8 @@ def train_sft(spark: SparkSession, cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         summary = train(train_rows, valid_rows, cfg.train, out,
-                        meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.train.name})
+                        meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.train.name,
+                              "priors": cfg.prompts.priors})
         rec.output_rows = summary["examples_seen"]
     return {"run_dir": str(out), "best": summary["best"], "status": summary["status"],
             "steps": summary["steps_done"], "examples_seen": summary["examples_seen"],
@@ -118,7 +119,8 @@ def train_grpo(spark: SparkSession, cfg: Config) -> dict:
         save_config(cfg, out / "config.yaml")
         prefill = THINK_PREFILL if cfg.prompts.think_prefill else ""
         summary = grpo.train(warm, rows, cfg.grpo, cfg.train, out, teacher_completions=teacher_texts, prefill=prefill,
-                             meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.grpo.name})
+                             meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.grpo.name,
+                                    "priors": cfg.prompts.priors})
         rec.output_rows = summary["examples_seen"]
     last = summary["curve"][-1] if summary["curve"] else {}
     return {"run_dir": str(out), "status": summary["status"], "steps": summary["steps_done"],
@@ -183,7 +185,8 @@ def train_align(spark: SparkSession, cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(student, out / "config.yaml")
         summary = align.train(rows, valid, cfg.align, student.train, out,
-                              meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.align.name})
+                              meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.align.name,
+                                    "priors": cfg.prompts.priors})
         rec.output_rows = summary["examples_seen"]
     return {"run_dir": str(out), "variant": cfg.align.variant, "teacher": student.train.base_model,
             "teacher_counts": summary.get("teacher_counts"), "best": summary["best"], "status": summary["status"],
