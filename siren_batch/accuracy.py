@@ -34,11 +34,11 @@ logger = logging.getLogger(__name__)
 def readout_of(system: str) -> str:
     """The readout a system name stands for.
 
-    >>> readout_of("llm:x/median"), readout_of("llm:x+calibrated"), readout_of("baseline:bias")
-    ('median', 'calibrated point', 'point')
+    >>> readout_of("llm:x/median"), readout_of("llm:x+calibrated"), readout_of("llm:x+calibrated/median")
+    ('median', 'calibrated point', 'calibrated median')
     """
     if system.endswith("/median"):
-        return "median"
+        return "calibrated median" if "+calibrated" in system else "median"
     if system.endswith("/argmax"):
         return "argmax"
     if "+calibrated" in system:

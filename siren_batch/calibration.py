@@ -71,10 +71,13 @@ def _features(spark: SparkSession, cfg: Config, pairs: DataFrame, als_params) ->
     return candidate_features(spark, cfg, pairs, als_params), als_params
 
 
-def apply_calibrator(spark: SparkSession, cfg: Config, ratings: DataFrame, calibrator) -> DataFrame:
-    """`ratings` (RATINGS columns) with the calibrated_* columns filled for rows with probs."""
-    als = calibrator.meta.get("als_params")
-    feats, _ = _features(spark, cfg, ratings, tuple(als) if als else None)
+def apply_calibrator(spark: SparkSession, cfg: Config, ratings: DataFrame, calibrator,
+                     feats: DataFrame | None = None) -> DataFrame:
+    """`ratings` (RATINGS columns) with the calibrated_* columns filled for rows with probs;
+    feats: the pairs' features when the caller has them (else built for score.candidates)."""
+    if feats is None:
+        als = calibrator.meta.get("als_params")
+        feats, _ = _features(spark, cfg, ratings, tuple(als) if als else None)
     joined = ratings.drop(*[c for c in CALIBRATED if c in ratings.columns]).join(feats, on=KEY, how="left")
     schema = schemas.RATINGS
 
@@ -152,6 +155,17 @@ def calibrate(spark: SparkSession, cfg: Config) -> dict:
 
 
 def _reapply(spark: SparkSession, cfg: Config, calibrator, run_date: str) -> int:
+    """The calibrated columns of an already scored partition, its features built for
+    score.candidates: that must be what the partition scored (its pairs must all be there)."""
     ratings = read_table(spark, cfg, "ratings", schemas.RATINGS).where(F.col("run_date") == run_date)
-    out = apply_calibrator(spark, cfg, ratings, calibrator).localCheckpoint()
+    als = calibrator.meta.get("als_params")
+    feats, _ = _features(spark, cfg, ratings, tuple(als) if als else None)
+    feats = feats.cache()
+    n, found = ratings.count(), ratings.join(feats.select(*KEY), on=KEY, how="left_semi").count()
+    if found < n:
+        feats.unpersist()
+        raise ValueError(f"ratings run_date={run_date}: {n - found} of its {n} pairs are not among "
+                         f"score.candidates={cfg.score.candidates}: set score.candidates to what that run scored")
+    out = apply_calibrator(spark, cfg, ratings, calibrator, feats).localCheckpoint()
+    feats.unpersist()
     return write_table(out, cfg, "ratings", schemas.RATINGS, partition_by=["run_date"])

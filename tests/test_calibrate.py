@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -129,7 +131,7 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
     from pyspark.sql import functions as F
 
     from siren_batch import schemas
-    from siren_batch.calibration import _fit_frame, calibrate, load_if_present
+    from siren_batch.calibration import _fit_frame, _reapply, calibrate, load_if_present
     from siren_batch.config import load_config
     from siren_batch.warehouse import read_table
 
@@ -151,6 +153,10 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
             assert 1 <= r.calibrated_rating <= 5 and abs(sum(r.calibrated_probs) - 1) < 1e-9
             assert r.calibrated_median in (1.0, 2.0, 3.0, 4.0, 5.0)
     assert sum(r.error is None for r in test) == 39
+    # re-applied with features for other pairs than the partition scored: one line, nothing written
+    elsewhere = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, candidates="split:valid"))
+    with pytest.raises(ValueError, match="40 of its 40 pairs are not among score.candidates=split:valid"):
+        _reapply(spark, elsewhere, load_if_present(cfg), "2026-01-02")
     other = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal'}",
                                    "prompts.priors=true"])
     with pytest.raises(ValueError, match="was fit for other settings .*priors"):
