@@ -104,18 +104,19 @@ def convert_smollm2(dest: Path | None = None) -> Path:
     return dest
 
 
-def dequantise_gguf(gguf: Path, folder: Path) -> None:
-    """A GGUF file -> folder: fp32 weights, config and tokenizer, a plain HF folder."""
+def dequantise_gguf(gguf: Path, folder: Path, tokenizer: bool = True) -> None:
+    """A GGUF file -> folder: fp32 weights, config and (unless tokenizer=False, for a caller
+    that brings its own tokenizer files) the tokenizer, a plain HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF loader marks the model as quantised; the weights are already fp32.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
 
 
 def movielens_dir(which: str) -> Path:

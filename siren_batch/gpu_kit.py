@@ -249,7 +249,8 @@ def _model(kit: Path, stash: Path, manifest: dict, report: dict) -> Path:
         tmp = stash / "model.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        dequantise_gguf(join_parts(stash, manifest, stash / manifest["gguf_name"]), tmp)
+        # weights only: the tokenizer files travel as they are here (one GGUF conversion less to differ there)
+        dequantise_gguf(join_parts(stash, manifest, stash / manifest["gguf_name"]), tmp, tokenizer=False)
         for name in MODEL_FILES:   # this machine's tokenizer and config files, as they are here
             if (kit / "model" / name).exists():
                 shutil.copy(kit / "model" / name, tmp / name)
