@@ -16,6 +16,7 @@ d = attention width:
   LoRA:  linear part 2 x (forward + input gradients; the frozen weights get no
          weight gradients) + 6 r (d_in + d_out) T per adapted module; attention and
          head 3 x (their backward needs gradients w.r.t. both operands).
+  gradient checkpointing: + the decoder layers' forward again (linear, LoRA, attention).
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def step_flops(model, batch, n_examples: int, method: str, lora_r: int) -> float:
-    """Executed FLOPs of one training step on `batch` (module doc)."""
+def step_flops(model, batch, n_examples: int, method: str, lora_r: int, checkpointed: bool = False) -> float:
+    """Executed FLOPs of one training step on `batch` (module doc); gradient checkpointing
+    runs the decoder layers' forward once more in backward."""
     import torch
 
     core = M.core_model(model)
@@ -85,9 +87,10 @@ def step_flops(model, batch, n_examples: int, method: str, lora_r: int) -> float
     tokens, width = batch.input_ids.numel(), batch.input_ids.shape[1]
     attention = 4 * cfg.num_hidden_layers * d * width * width * batch.input_ids.shape[0]
     head = 2 * cfg.hidden_size * cfg.vocab_size * n_examples
+    again = (2 * linear * tokens + 2 * lora * tokens + attention) if checkpointed else 0
     if method == "full":
-        return 3 * (2 * linear * tokens + attention + head)
-    return 2 * (2 * linear * tokens) + 6 * lora * tokens + 3 * (attention + head)
+        return 3 * (2 * linear * tokens + attention + head) + again
+    return 2 * (2 * linear * tokens) + 6 * lora * tokens + 3 * (attention + head) + again
 
 
 def run_config(name: str, method: str, bf16: bool, pack: bool, checkpointed: bool, ids, groups, targets, args,
@@ -133,7 +136,7 @@ def run_config(name: str, method: str, bf16: bool, pack: bool, checkpointed: boo
     timed = batches[:args.steps]
     seconds = [_timed(lambda b=b: step(b)) for b in timed]
     examples = sum(len(b.rows) for b in timed)
-    flops = sum(step_flops(model, b, len(b.rows), cfg.method, cfg.lora_r) for b in timed)
+    flops = sum(step_flops(model, b, len(b.rows), cfg.method, cfg.lora_r, checkpointed) for b in timed)
     # This process runs only this configuration (run_isolated), so its peak RSS is the config's.
     peak_mem = (torch.cuda.max_memory_allocated() if device == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
@@ -183,8 +186,11 @@ def run_bench(args) -> dict:
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     args.rating_ids, args.pad_id = rating_token_ids(tokenizer), tokenizer.pad_token_id or 0
     targets = objective.model_targets(np.arange(len(ids)) % 5 + 1.0, None, "rating")
-    peaks = {"fp32": round(matmul_peak(False), 1), "bf16": round(matmul_peak(True), 1)}
-    rows = [run_isolated(c, ids, groups, targets, args, path) for c in CONFIGS if c[0] in args.configs]
+    chosen = [c for c in CONFIGS if c[0] in args.configs]
+    # only the precisions measured (an emulated bf16 peak takes minutes on a CPU without bf16)
+    peaks = {name: round(matmul_peak(bf16), 1) for name, bf16 in (("fp32", False), ("bf16", True))
+             if any(c[2] == bf16 for c in chosen)}
+    rows = [run_isolated(c, ids, groups, targets, args, path) for c in chosen]
     for row in rows:
         peak = peaks["bf16" if row["precision"].startswith("bf16") else "fp32"]
         row["pct_of_matmul_peak"] = round(100 * row["gflops"] / peak, 1)
