@@ -125,9 +125,10 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
             # Unpersisted below: a cached plan outlives the run, and Spark would answer the next
             # run's identical read of rewritten tables (a later night in one session) from it.
             pairs = pairs.cache()
-            total = pairs.count()
+            total, checksum = pairs.agg(F.count("*"), F.sum(F.xxhash64("user_id", "item_id")
+                                                             .cast("decimal(38,0)"))).first()
         rec.input_rows = total
-        _check_staging(spark, staging, cfg)
+        _check_staging(spark, staging, cfg, f"{total}:{checksum}")
         n_chunks = max(1, math.ceil(total / cfg.score.chunk_rows))
         ok_pairs = _chunked(pairs.where(F.col("error").isNull()), n_chunks)
         bad_pairs = pairs.where(F.col("error").isNotNull())
@@ -149,7 +150,7 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
                 progress.update(parquet_rows(spark, f"{staging}/chunks/{name}"))
         with timers.phase("finish"):
             summary = _finish(spark, cfg, staging, bad_pairs, run_date, prompt_template_hash(), rec.run_id,
-                              training)
+                              training, total)
         pairs.unpersist()
         rec.output_rows, rec.rejected_rows = summary["rows"], summary["errors"]
         if summary["rows"] != total:
@@ -182,20 +183,27 @@ def _task_slots(spark: SparkSession) -> int:
 SCORING_SECTIONS = ("dataset", "warehouse", "data", "embed", "topics", "sketches", "prompts", "score")
 
 
-def _check_staging(spark: SparkSession, staging: str, cfg: Config) -> None:
-    """Resume only a run with the same scoring config; otherwise start clean."""
+def _check_staging(spark: SparkSession, staging: str, cfg: Config, inputs: str) -> None:
+    """Resume only a run with the same scoring config and the same candidate pairs
+    (`inputs`: their count and a checksum); otherwise start clean."""
     marker = f"{staging}/_config_hash"
-    digest = cfg.hash(*SCORING_SECTIONS)
+    digest = f"{cfg.hash(*SCORING_SECTIONS)}:{inputs}"
     if path_exists(spark, marker) and read_text(spark, marker).strip() != digest:
-        logger.warning("staging at %s is from another config: discarding it", staging)
+        logger.warning("staging at %s is from another config or other candidates: discarding it", staging)
         delete_path(spark, staging)
     if not path_exists(spark, marker):
         write_text(spark, marker, digest)
 
 
 def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: str,
-            template_hash: str, run_id: str, training: dict) -> dict:
+            template_hash: str, run_id: str, training: dict, expected: int) -> dict:
     from siren_batch.calibration import CALIBRATED, apply_calibrator, calibrator_dir, load_if_present
+
+    staged = (parquet_rows(spark, f"{staging}/chunks") if list_dir(spark, f"{staging}/chunks") else 0)
+    staged += bad_pairs.count()
+    if staged != expected:   # checked before the partition is replaced, so readers never see it
+        raise RuntimeError(f"staged ratings rows {staged} != candidate rows {expected}: ratings run_date="
+                           f"{run_date} left as it was; delete {staging} and score again")
 
     meta = {"prompt_template_hash": F.lit(template_hash), "run_id": F.lit(run_id),
             "run_date": F.lit(run_date)}

@@ -179,6 +179,19 @@ def test_score_nightly_candidates_rerun_and_resume(spark, ml100k, tmp_path, monk
     assert again.count() == n
 
 
+def test_score_staging_resumes_only_the_same_candidates(spark, tmp_path):
+    """A crashed score run resumes from its staged chunks only for the same config AND the
+    same candidate pairs: a candidates file rewritten under the same path starts clean."""
+    cfg = load_config(overrides=[f"warehouse={tmp_path / 'wh'}"])
+    staging = str(tmp_path / "staging")
+    ratings._check_staging(spark, staging, cfg, "40:123456")
+    (tmp_path / "staging" / "chunks" / "chunk=00000").mkdir(parents=True)
+    ratings._check_staging(spark, staging, cfg, "40:123456")            # the same run: kept
+    assert ratings.list_dir(spark, f"{staging}/chunks") == ["chunk=00000"]
+    ratings._check_staging(spark, staging, cfg, "40:654321")            # other pairs, same count
+    assert not (tmp_path / "staging" / "chunks").exists()
+
+
 def test_score_and_evaluate_test_split_sample(spark, ml100k):
     base, _ = ml100k
     cfg = load_config(overrides=[f"warehouse={base.warehouse}", "score.run_date=2026-01-02", "calibrate.enabled=false",
