@@ -46,24 +46,29 @@ def readout_of(system: str) -> str:
     return "mean" if not system.startswith("baseline:") else "point"
 
 
-def evaluated_at(eval_id: str) -> str:
-    """When an evaluation ran: the UTC start stamp inside its eval_id (`<ratings run_date>-<run_id>`,
-    run_id = `%Y%m%dT%H%M%S-<hex>`; dashes in both halves).
+def evaluated_at(eval_id: str) -> str | None:
+    """When an `evaluate` run ran: the UTC start stamp inside its eval_id (`<ratings
+    run_date>-<run_id>`, run_id = `%Y%m%dT%H%M%S-<hex>`; dashes in both halves); None for
+    other evaluations in the metrics table (the nightly job's `nightly-<date>`).
 
-    >>> evaluated_at("2026-11-02-20261126T162755-a7e1a8")
-    '20261126T162755'
+    >>> evaluated_at("2026-11-02-20261126T162755-a7e1a8"), evaluated_at("nightly-2026-11-03")
+    ('20261126T162755', None)
     """
     parts = eval_id.rsplit("-", 2)
-    if len(parts) < 3 or not re.fullmatch(r"\d{8}T\d{6}", parts[1]):
-        raise ValueError(f"eval_id {eval_id!r} is not <run_date>-<run_id>: cannot tell when it was evaluated")
-    return parts[1]
+    return parts[1] if len(parts) == 3 and re.fullmatch(r"\d{8}T\d{6}", parts[1]) else None
 
 
 def newest_by_system(metrics: Any, split: str) -> dict[str, dict[str, Any]]:
-    """{system: {mae, rmse, nll, n, eval_id}} from the newest eval_id holding that system
-    (by the start of its evaluate run; ties go to the greater eval_id)."""
+    """{system: {mae, rmse, nll, n, eval_id}} from the newest `evaluate` run holding that
+    system (by its start; ties go to the greater eval_id). The nightly job's evaluations of
+    served ratings are left out: they judge other pairs than the split's."""
     part = metrics[(metrics["split"] == split) & (metrics["segment"] == "all")].copy()
     part["evaluated_at"] = [evaluated_at(e) for e in part["eval_id"]]
+    other = sorted(set(part.loc[part["evaluated_at"].isna(), "eval_id"]))
+    if other:
+        logger.info("accuracy: left out %d evaluations that are not evaluate runs (%s)", len(other),
+                    ", ".join(other[:3]) + (", ..." if len(other) > 3 else ""))
+    part = part[part["evaluated_at"].notna()]
     out: dict[str, dict[str, Any]] = {}
     for system, rows in part.groupby("system"):
         newest = rows[rows["eval_id"] == rows.sort_values(["evaluated_at", "eval_id"])["eval_id"].iloc[-1]]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 
 from siren_batch.accuracy import markdown, meta_for, newest_by_system, parse_meta
 
@@ -35,11 +34,14 @@ def test_newest_evaluation_wins_and_readouts_are_named():
     assert rows[0].startswith("| baseline:bias") and "| 0 | cpu |" in rows[1]     # sorted by RMSE
 
 
-def test_an_eval_id_without_its_run_stamp_is_refused():
-    metrics = pd.DataFrame(_metrics("2026-01-01-nightly", "llm:a", 1.0, 1.2),
+def test_the_nightly_jobs_evaluations_are_left_out():
+    """The nightly job writes eval_id nightly-<date> rows (served pairs) into the same table."""
+    metrics = pd.DataFrame(_metrics("2026-01-01-20260101T000000-aaaaaa", "llm:a", 1.0, 1.2)
+                           + _metrics("nightly-2026-01-05", "llm:a", 0.5, 0.6),
                            columns=["eval_id", "split", "system", "segment", "metric", "value", "n"])
-    with pytest.raises(ValueError, match="cannot tell when it was evaluated"):
-        newest_by_system(metrics, "test")
+    out = newest_by_system(metrics, "test")
+    assert out["llm:a"]["mae"] == 1.0 and out["llm:a"]["eval_id"] == "2026-01-01-20260101T000000-aaaaaa"
+    assert newest_by_system(metrics[metrics["eval_id"].str.startswith("nightly")], "test") == {}
 
 
 def test_meta_can_be_scoped_to_a_dataset():
