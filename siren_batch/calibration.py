@@ -155,9 +155,11 @@ def calibrate(spark: SparkSession, cfg: Config) -> dict:
 
 
 def _reapply(spark: SparkSession, cfg: Config, calibrator, run_date: str) -> int:
-    """The calibrated columns of an already scored partition, its features built for
-    score.candidates: that must be what the partition scored (its pairs must all be there)."""
+    """The calibrated columns of an already scored partition: scored by the model and
+    adapter the calibrator was fit for, its features built for score.candidates (which
+    must be what the partition scored: its pairs must all be there)."""
     ratings = read_table(spark, cfg, "ratings", schemas.RATINGS).where(F.col("run_date") == run_date)
+    _check_scored_by(ratings.where(F.col("error").isNull()), cfg, run_date)   # the model it was fit for
     als = calibrator.meta.get("als_params")
     feats, _ = _features(spark, cfg, ratings, tuple(als) if als else None)
     feats = feats.cache()

@@ -80,11 +80,13 @@ def return_problems(out: Path) -> list[str]:
     return problems
 
 
-def send_run_back(run_dir: Path, config: Path, out: Path, dataset: str) -> list[dict]:
+def send_run_back(run_dir: Path, config: Path, out: Path, dataset: str, report: str) -> dict:
     """run_dir (less its checkpoint, which holds optimizer state and device paths) and the
-    packed config.yaml as one tar, cut into <dataset>.tar.partN under out: few flat files."""
-    if not run_dir.is_dir():
-        return []
+    packed config.yaml as one tar, cut into <dataset>.tar.partN under out: few flat files.
+    {"parts": [...]} when sent; {"not_sent": why} for a run that wrote no metadata yet, or
+    parts that would not come back beside what out holds and room for the `report` file."""
+    if not (run_dir / "training_meta.json").is_file():
+        return {"not_sent": "the run wrote no curve or metadata yet (it stopped before its first checkpoint)"}
     for old in out.glob(f"{dataset}.tar.part*"):
         old.unlink()
     with tempfile.TemporaryDirectory(dir=run_dir.parent) as tmp:
@@ -95,9 +97,15 @@ def send_run_back(run_dir: Path, config: Path, out: Path, dataset: str) -> list[
                 if path.is_file() and not rel.parts[0].startswith("checkpoint"):
                     tar.add(path, arcname=f"{run_dir.name}/{rel}")
             tar.add(config, arcname=f"{run_dir.name}/config.yaml")
-        n = max(1, -(-whole.stat().st_size // (PART_MIB * 2**20)))
+        size = whole.stat().st_size
+        n = max(1, -(-size // (PART_MIB * 2**20)))
+        held = [f for f in out.rglob("*") if f.is_file() and f.name != report]
+        files, mib = len(held) + n + 1, (sum(f.stat().st_size for f in held) + size) / 2**20 + 1
+        if files > RETURN_LIMITS["files"] or mib > RETURN_LIMITS["total_mib"]:
+            return {"not_sent": f"{n} parts of {size / 2**20:.1f} MiB would make {files} files and {mib:.0f} MiB "
+                                f"with the report, over what comes back ({RETURN_LIMITS})"}
         parts = split_file(whole, [out / f"{dataset}.tar.part{k + 1}" for k in range(n)])
-        return [{**p, "whole_sha256": sha256(whole)} for p in parts]
+        return {"parts": [{**p, "whole_sha256": sha256(whole)} for p in parts]}
 
 
 def returned_runs(results: Path, tmp: Path) -> list[Path]:

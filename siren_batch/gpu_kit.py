@@ -24,7 +24,8 @@ $OUT. So everything is packed here, in two halves, one per call:
   memory goes on from its last checkpoint with gradient checkpointing (same gradients).
 - What comes back obeys the device tool's limits (RETURN_LIMITS: a few files, none deep
   or over 16 MiB): each trained run travels as one tar (no checkpoint) cut into
-  `<dataset>.tar.partN` at the top of $OUT, written even when the training fails midway;
+  `<dataset>.tar.partN` at the top of $OUT, also when the training fails after its first
+  checkpoint (not before it, nor when the parts would pass the limits: the report says why);
   `return_problems` checks a call's $OUT against the limits and the report records it.
 - `unpack` joins the parts (sha256 from the report), places the runs in
   <train.out_dir>/<dataset>/<name>/ with the base model paths pointed at this machine's,
@@ -199,7 +200,7 @@ def run(kit: Path, out: Path, minutes: float, stash: Path = DEFAULT_STASH, bench
                 report["steps"][folder.name] = {"skipped": "no time left"}
                 continue
             try:
-                report["steps"][folder.name] = _train(folder, model_dir, stash, out, share)
+                report["steps"][folder.name] = _train(folder, model_dir, stash, out, share, path.name)
             except Exception as err:   # one dataset's failure must not cost the others their GPU minutes
                 logger.exception("gpu-kit: %s failed", folder.name)
                 report["steps"][folder.name] = {"failed": f"{type(err).__name__}: {err}"}
@@ -265,17 +266,18 @@ def _model(kit: Path, stash: Path, manifest: dict, report: dict) -> Path:
     return dest
 
 
-def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float) -> dict:
+def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float, report: str) -> dict:
     """Train one packed dataset within `minutes`; out of GPU memory, go on from the last
     checkpoint with gradient checkpointing. Whatever the run holds then (best/, curve)
-    goes back as parts, also when the training failed."""
+    goes back as parts, also when the training failed after its first checkpoint."""
     from siren_batch.config import load_config
     from siren_batch.train.sft import train
 
     cfg = load_config([str(folder / "config.yaml")])
-    run_cfg = dataclasses.replace(cfg.train, base_model=str(model_dir), device="auto",
-                                  out_dir=str(stash / "trained"), max_minutes=minutes)
-    run_dir = stash / "trained" / cfg.dataset / run_cfg.name
+    home = stash / "trained" / f"{cfg.dataset}-{cfg.hash()}"   # another kit's run on a warm machine stays apart
+    run_cfg = dataclasses.replace(cfg.train, base_model=str(model_dir), device="auto", out_dir=str(home),
+                                  max_minutes=minutes)
+    run_dir = home / run_cfg.name
     started = time.monotonic()
     meta = {"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": run_cfg.name, "device_name": _device_name(),
             "priors": cfg.prompts.priors}
@@ -285,7 +287,7 @@ def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float
         try:
             summary = train(*rows, run_cfg, run_dir, meta)
         except Exception as err:
-            if type(err).__name__ != "OutOfMemoryError" or run_cfg.gradient_checkpointing:
+            if not _out_of_memory(err) or run_cfg.gradient_checkpointing:
                 raise
             step["out_of_memory"] = str(err).splitlines()[0][:300]
             summary = None
@@ -296,12 +298,21 @@ def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float
                            cfg.dataset, left)
             run_cfg = dataclasses.replace(run_cfg, gradient_checkpointing=True, max_minutes=max(left, 0.5))
             summary = train(*rows, run_cfg, run_dir, meta)
-    finally:
-        step["parts"] = send_run_back(run_dir, folder / "config.yaml", out, cfg.dataset)
-        step["seconds"] = round(time.monotonic() - started, 1)
-        _free_gpu()
-    return {"status": summary["status"], "steps": summary["steps_done"], "examples_seen": summary["examples_seen"],
-            "best": summary["best"], **step}
+        step.update(status=summary["status"], steps=summary["steps_done"], examples_seen=summary["examples_seen"],
+                    best=summary["best"])
+    except Exception as err:   # recorded with what was sent back; the next dataset still trains
+        logger.exception("gpu-kit: %s failed", cfg.dataset)
+        step["failed"] = f"{type(err).__name__}: {err}"
+    step.update(send_run_back(run_dir, folder / "config.yaml", out, cfg.dataset, report))
+    step["seconds"] = round(time.monotonic() - started, 1)
+    _free_gpu()
+    return step
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """torch.cuda.OutOfMemoryError, or an allocation failure that surfaces as a RuntimeError."""
+    text = str(err).lower()
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in text or "alloc_failed" in text
 
 
 def _free_gpu() -> None:
@@ -344,6 +355,10 @@ def _place(run_dir: Path, local: str, force: bool) -> Path:
     from siren_batch.config import load_config
     from siren_batch.train.stages import run_dir as home_of
 
+    missing = [name for name in ("config.yaml", "train_config.yaml", "training_meta.json", "best")
+               if not (run_dir / name).exists()]
+    if missing:   # checked before anything is copied: a half-placed run would need --force
+        raise SystemExit(f"gpu-kit: the returned run {run_dir.name} lacks {', '.join(missing)}: not placed")
     cfg = load_config([str(run_dir / "config.yaml")])
     dest = home_of(cfg)   # <train.out_dir>/<dataset>/<train.name>, where train-sft puts a run
     if dest.exists() and not force:

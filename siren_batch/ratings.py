@@ -9,9 +9,10 @@ candidates -> (sketch, item) join -> answer-only prompts -> backend -> ratings
   ratings rows = candidate rows, always.
 - Work is cut into chunks by a hash of user_id (a user's prompts stay together,
   so shared prefixes stay in one batch). Each finished chunk is committed to a
-  staging folder; a crashed run started again with the same run_date and
-  config skips the committed chunks. The run_date partition is replaced
-  atomically at the end: no duplicates, never a half-written partition.
+  staging folder; a crashed run started again with the same run_date, config
+  and candidate pairs skips the committed chunks. The staged rows must equal the
+  candidate rows before the run_date partition is replaced, atomically, at the
+  end: no duplicates, never a half-written partition.
 """
 
 from __future__ import annotations
@@ -127,31 +128,33 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
             pairs = pairs.cache()
             total, checksum = pairs.agg(F.count("*"), F.sum(F.xxhash64("user_id", "item_id")
                                                              .cast("decimal(38,0)"))).first()
-        rec.input_rows = total
-        _check_staging(spark, staging, cfg, f"{total}:{checksum}")
-        n_chunks = max(1, math.ceil(total / cfg.score.chunk_rows))
-        ok_pairs = _chunked(pairs.where(F.col("error").isNull()), n_chunks)
-        bad_pairs = pairs.where(F.col("error").isNotNull())
-        done = set(list_dir(spark, f"{staging}/chunks"))
-        progress = Progress(total=total, every_s=cfg.score.progress_every_s)
-        for chunk in range(n_chunks):
-            name = f"chunk={chunk:05d}"
-            if name in done:
-                logger.info("resume: %s already committed, skipping", name)
-                continue
-            part = ok_pairs.where(F.col("_chunk") == chunk).drop("_chunk")
-            prompt_rows = _prompts_for(part, history, cfg, spark, timers)
-            scored = score_frame(prompt_rows.select("user_id", "item_id", "prompt"), cfg.score, timers)
-            tmp = f"{staging}/tmp-{name}"
-            with timers.phase("chunk_jobs"):
-                scored.select("user_id", "item_id", *SCORED_COLUMNS).write.mode("overwrite").parquet(tmp)
-            with timers.phase("chunk_commits"):
-                move_path(spark, tmp, f"{staging}/chunks/{name}")
-                progress.update(parquet_rows(spark, f"{staging}/chunks/{name}"))
-        with timers.phase("finish"):
-            summary = _finish(spark, cfg, staging, bad_pairs, run_date, prompt_template_hash(), rec.run_id,
-                              training, total)
-        pairs.unpersist()
+        try:
+            rec.input_rows = total
+            _check_staging(spark, staging, cfg, f"{total}:{checksum}")
+            n_chunks = max(1, math.ceil(total / cfg.score.chunk_rows))
+            ok_pairs = _chunked(pairs.where(F.col("error").isNull()), n_chunks)
+            bad_pairs = pairs.where(F.col("error").isNotNull())
+            done = set(list_dir(spark, f"{staging}/chunks"))
+            progress = Progress(total=total, every_s=cfg.score.progress_every_s)
+            for chunk in range(n_chunks):
+                name = f"chunk={chunk:05d}"
+                if name in done:
+                    logger.info("resume: %s already committed, skipping", name)
+                    continue
+                part = ok_pairs.where(F.col("_chunk") == chunk).drop("_chunk")
+                prompt_rows = _prompts_for(part, history, cfg, spark, timers)
+                scored = score_frame(prompt_rows.select("user_id", "item_id", "prompt"), cfg.score, timers)
+                tmp = f"{staging}/tmp-{name}"
+                with timers.phase("chunk_jobs"):
+                    scored.select("user_id", "item_id", *SCORED_COLUMNS).write.mode("overwrite").parquet(tmp)
+                with timers.phase("chunk_commits"):
+                    move_path(spark, tmp, f"{staging}/chunks/{name}")
+                    progress.update(parquet_rows(spark, f"{staging}/chunks/{name}"))
+            with timers.phase("finish"):
+                summary = _finish(spark, cfg, staging, bad_pairs, run_date, prompt_template_hash(), rec.run_id,
+                                  training, total)
+        finally:   # also when a chunk or the finish fails: a cached plan outlives the run
+            pairs.unpersist()
         rec.output_rows, rec.rejected_rows = summary["rows"], summary["errors"]
         if summary["rows"] != total:
             raise RuntimeError(f"ratings rows {summary['rows']} != candidate rows {total}")

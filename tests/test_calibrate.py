@@ -169,8 +169,11 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
         calibrate(spark, wrong)
     other_adapter = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal3'}",
                                            "calibrate.run_date=2026-01-01", f"score.adapter={tmp_path / 'adapter'}"])
-    with pytest.raises(ValueError, match="were scored by .*not .*adapter"):
+    with pytest.raises(ValueError, match=r"were scored by .*\('smollm2-135m-instruct', None\)\], not "
+                                         r"\('smollm2-135m-instruct', '.*adapter'\)"):
         calibrate(spark, other_adapter)
+    with pytest.raises(ValueError, match="were scored by"):                  # re-applying checks it too
+        _reapply(spark, other_adapter, load_if_present(cfg), "2026-01-02")
     # a sample of the valid pairs, smaller than half of them
     sampled = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal4'}",
                                      "calibrate.run_date=2026-01-01", "calibrate.max_rows=12", "calibrate.folds=2",

@@ -147,6 +147,8 @@ def test_a_run_out_of_gpu_memory_goes_on_with_gradient_checkpointing(cfg, tiny_m
     step = gpu_kit.run(kit, tmp_path / "out", minutes=5, stash=stash)["steps"]["ml-100k"]
     assert calls == [False, True] and step["status"] == "done" and step["examples_seen"] == 8
     assert step["out_of_memory"].startswith("CUDA out of memory") and step["parts"]
+    assert gpu_kit._out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not gpu_kit._out_of_memory(ValueError("checkpoint was written with other options"))
 
 
 def test_return_problems_names_what_the_device_tool_would_not_bring_back(tmp_path):
@@ -172,12 +174,17 @@ def test_returned_parts_join_and_a_damaged_one_is_refused(tmp_path):
     (run_dir / "checkpoint" / "optim.pt").write_bytes(b"state")
     (tmp_path / "config.yaml").write_text("dataset: ml-100k\n")
     out.mkdir()
-    parts = device_files.send_run_back(run_dir, tmp_path / "config.yaml", out, "ml-100k")
+    assert "stopped before its first checkpoint" in device_files.send_run_back(
+        run_dir, tmp_path / "config.yaml", out, "ml-100k", "report.json")["not_sent"]
+    (run_dir / "training_meta.json").write_text("{}")
+    parts = device_files.send_run_back(run_dir, tmp_path / "config.yaml", out, "ml-100k", "report.json")["parts"]
     assert [p["name"] for p in parts] == ["ml-100k.tar.part1", "ml-100k.tar.part2", "ml-100k.tar.part3"]
     assert device_files.return_problems(out) == []
     (out / "gpu_kit-call2.json").write_text(json.dumps({"steps": {"ml-100k": {"parts": parts}}}))
     runs = device_files.returned_runs(out, tmp_path / "tmp1")
     assert [r.name for r in runs] == ["sft-gpu"] and not (runs[0] / "checkpoint").exists()
+    with pytest.raises(SystemExit, match="lacks train_config.yaml: not placed"):   # nothing copied
+        gpu_kit._place(runs[0], "/here/model", force=False)
     assert (runs[0] / "best" / "adapter_model.safetensors").read_bytes() == \
         (run_dir / "best" / "adapter_model.safetensors").read_bytes()
     damaged = bytearray((out / "ml-100k.tar.part2").read_bytes())
@@ -185,6 +192,14 @@ def test_returned_parts_join_and_a_damaged_one_is_refused(tmp_path):
     (out / "ml-100k.tar.part2").write_bytes(bytes(damaged))
     with pytest.raises(SystemExit, match="do not join into what was sent"):
         device_files.returned_runs(out, tmp_path / "tmp2")
+    # a second run whose parts would pass what comes back (64 MiB) is not sent, and says why
+    refused = device_files.send_run_back(run_dir, tmp_path / "config.yaml", out, "siren-movies", "report.json")
+    assert "would make 8 files and 76 MiB" in refused["not_sent"] and not list(out.glob("siren-movies.tar.part*"))
+    for k in range(5):                                                  # and too many files, however small
+        (out / f"f{k}.txt").write_text("x")
+    (run_dir / "best" / "adapter_model.safetensors").write_bytes(b"small")
+    refused = device_files.send_run_back(run_dir, tmp_path / "config.yaml", out, "siren-movies", "report.json")
+    assert "would make 11 files" in refused["not_sent"]
 
 
 def test_pack_fits_each_call_and_its_halves_give_there_the_weights_of_here(cfg, tiny_model, tmp_path, monkeypatch):
