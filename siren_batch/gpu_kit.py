@@ -33,8 +33,8 @@ $OUT. So everything is packed here, in two halves, one per call:
   them as any trained run (the README's GPU-session section lists the commands).
 
 The kit's training options are the `conf/gpu-kit.yaml` layer (LoRA on every linear
-layer, batch 64, residual target, priors in the prompt); any key= override of the
-pack command changes them.
+layer, 64 examples per step as 2 micro-batches of 32, residual target, priors in the
+prompt); any key= override of the pack command changes them.
 """
 
 from __future__ import annotations
