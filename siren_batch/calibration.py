@@ -71,13 +71,18 @@ def _features(spark: SparkSession, cfg: Config, pairs: DataFrame, als_params) ->
     return candidate_features(spark, cfg, pairs, als_params), als_params
 
 
+def _calibrator_features(spark: SparkSession, cfg: Config, ratings: DataFrame, calibrator) -> DataFrame:
+    """The features of `ratings`' pairs for score.candidates, ALS as tuned when it was fit."""
+    als = calibrator.meta.get("als_params")
+    return _features(spark, cfg, ratings, tuple(als) if als else None)[0]
+
+
 def apply_calibrator(spark: SparkSession, cfg: Config, ratings: DataFrame, calibrator,
                      feats: DataFrame | None = None) -> DataFrame:
     """`ratings` (RATINGS columns) with the calibrated_* columns filled for rows with probs;
     feats: the pairs' features when the caller has them (else built for score.candidates)."""
     if feats is None:
-        als = calibrator.meta.get("als_params")
-        feats, _ = _features(spark, cfg, ratings, tuple(als) if als else None)
+        feats = _calibrator_features(spark, cfg, ratings, calibrator)
     joined = ratings.drop(*[c for c in CALIBRATED if c in ratings.columns]).join(feats, on=KEY, how="left")
     schema = schemas.RATINGS
 
@@ -160,9 +165,7 @@ def _reapply(spark: SparkSession, cfg: Config, calibrator, run_date: str) -> int
     must be what the partition scored: its pairs must all be there)."""
     ratings = read_table(spark, cfg, "ratings", schemas.RATINGS).where(F.col("run_date") == run_date)
     _check_scored_by(ratings.where(F.col("error").isNull()), cfg, run_date)   # the model it was fit for
-    als = calibrator.meta.get("als_params")
-    feats, _ = _features(spark, cfg, ratings, tuple(als) if als else None)
-    feats = feats.cache()
+    feats = _calibrator_features(spark, cfg, ratings, calibrator).cache()
     n, found = ratings.count(), ratings.join(feats.select(*KEY), on=KEY, how="left_semi").count()
     if found < n:
         feats.unpersist()

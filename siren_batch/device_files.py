@@ -104,8 +104,8 @@ def send_run_back(run_dir: Path, config: Path, out: Path, dataset: str, report: 
         if files > RETURN_LIMITS["files"] or mib > RETURN_LIMITS["total_mib"]:
             return {"not_sent": f"{n} parts of {size / 2**20:.1f} MiB would make {files} files and {mib:.0f} MiB "
                                 f"with the report, over what comes back ({RETURN_LIMITS})"}
-        parts = split_file(whole, [out / f"{dataset}.tar.part{k + 1}" for k in range(n)])
-        return {"parts": [{**p, "whole_sha256": sha256(whole)} for p in parts]}
+        parts, whole_sha256 = split_file(whole, [out / f"{dataset}.tar.part{k + 1}" for k in range(n)]), sha256(whole)
+        return {"parts": [{**p, "whole_sha256": whole_sha256} for p in parts]}
 
 
 def returned_runs(results: Path, tmp: Path) -> list[Path]:

@@ -271,7 +271,7 @@ def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float
     checkpoint with gradient checkpointing. Whatever the run holds then (best/, curve)
     goes back as parts, also when the training failed after its first checkpoint."""
     from siren_batch.config import load_config
-    from siren_batch.train.sft import train
+    from siren_batch.train.sft import run_meta, train
 
     cfg = load_config([str(folder / "config.yaml")])
     home = stash / "trained" / f"{cfg.dataset}-{cfg.hash()}"   # another kit's run on a warm machine stays apart
@@ -279,8 +279,7 @@ def _train(folder: Path, model_dir: Path, stash: Path, out: Path, minutes: float
                                   max_minutes=minutes)
     run_dir = home / run_cfg.name
     started = time.monotonic()
-    meta = {"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": run_cfg.name, "device_name": _device_name(),
-            "priors": cfg.prompts.priors}
+    meta = {**run_meta(cfg, run_cfg.name), "device_name": _device_name()}
     rows = _columns(folder / "train.parquet"), _columns(folder / "valid.parquet")
     step = {"minutes_given": round(minutes, 2)}
     try:

@@ -202,8 +202,8 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
             template_hash: str, run_id: str, training: dict, expected: int) -> dict:
     from siren_batch.calibration import CALIBRATED, apply_calibrator, calibrator_dir, load_if_present
 
-    staged = (parquet_rows(spark, f"{staging}/chunks") if list_dir(spark, f"{staging}/chunks") else 0)
-    staged += bad_pairs.count()
+    chunks = f"{staging}/chunks" if list_dir(spark, f"{staging}/chunks") else None
+    staged = (parquet_rows(spark, chunks) if chunks else 0) + bad_pairs.count()
     if staged != expected:   # checked before the partition is replaced, so readers never see it
         raise RuntimeError(f"staged ratings rows {staged} != candidate rows {expected}: ratings run_date="
                            f"{run_date} left as it was; delete {staging} and score again")
@@ -211,8 +211,8 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
     meta = {"prompt_template_hash": F.lit(template_hash), "run_id": F.lit(run_id),
             "run_date": F.lit(run_date)}
     parts = [_error_rows(bad_pairs).withColumns(meta)]
-    if list_dir(spark, f"{staging}/chunks"):
-        parts.append(spark.read.parquet(f"{staging}/chunks").drop("chunk").withColumns(meta))
+    if chunks:
+        parts.append(spark.read.parquet(chunks).drop("chunk").withColumns(meta))
     out = parts[0]
     for extra in parts[1:]:
         out = out.unionByName(extra, allowMissingColumns=True)

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
-from siren_batch.config import TrainConfig
+from siren_batch.config import Config, TrainConfig
 from siren_batch.train import batching, objective
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,12 @@ def write_outputs(run_dir: Path, cfg: TrainConfig, state: dict, info: dict) -> d
             "status": metrics["status"], "steps_done": state["step"], "examples_seen": state["examples_seen"]}
     (run_dir / "training_meta.json").write_text(json.dumps(meta, indent=1))
     return metrics
+
+
+def run_meta(cfg: Config, name: str) -> dict:
+    """What every training stage records of the run beside its options: the dataset, the
+    config hash, the run name and the prompt options the scorer must repeat (priors)."""
+    return {"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": name, "priors": cfg.prompts.priors}
 
 
 def scorer_meta(cfg: TrainConfig) -> dict:

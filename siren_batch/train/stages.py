@@ -25,6 +25,7 @@ from pyspark.sql import functions as F
 from siren_batch import schemas
 from siren_batch.config import Config, save_config
 from siren_batch.prompts import THINK_PREFILL
+from siren_batch.train.sft import run_meta
 from siren_batch.warehouse import read_table, run_record, table_exists
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,7 @@ def train_sft(spark: SparkSession, cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         summary = train(train_rows, valid_rows, cfg.train, out,
-                        meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.train.name,
-                              "priors": cfg.prompts.priors})
+                        meta=run_meta(cfg, cfg.train.name))
         rec.output_rows = summary["examples_seen"]
     return {"run_dir": str(out), "best": summary["best"], "status": summary["status"],
             "steps": summary["steps_done"], "examples_seen": summary["examples_seen"],
@@ -119,8 +119,7 @@ def train_grpo(spark: SparkSession, cfg: Config) -> dict:
         save_config(cfg, out / "config.yaml")
         prefill = THINK_PREFILL if cfg.prompts.think_prefill else ""
         summary = grpo.train(warm, rows, cfg.grpo, cfg.train, out, teacher_completions=teacher_texts, prefill=prefill,
-                             meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.grpo.name,
-                                    "priors": cfg.prompts.priors})
+                             meta=run_meta(cfg, cfg.grpo.name))
         rec.output_rows = summary["examples_seen"]
     last = summary["curve"][-1] if summary["curve"] else {}
     return {"run_dir": str(out), "status": summary["status"], "steps": summary["steps_done"],
@@ -185,8 +184,7 @@ def train_align(spark: SparkSession, cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(student, out / "config.yaml")
         summary = align.train(rows, valid, cfg.align, student.train, out,
-                              meta={"dataset": cfg.dataset, "config_hash": cfg.hash(), "name": cfg.align.name,
-                                    "priors": cfg.prompts.priors})
+                              meta=run_meta(cfg, cfg.align.name))
         rec.output_rows = summary["examples_seen"]
     return {"run_dir": str(out), "variant": cfg.align.variant, "teacher": student.train.base_model,
             "teacher_counts": summary.get("teacher_counts"), "best": summary["best"], "status": summary["status"],
