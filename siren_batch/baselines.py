@@ -154,10 +154,12 @@ def with_base(interactions: DataFrame, split: str, cfg: EvaluateConfig,
             bias_predict(target_pairs(interactions, split), *bias, name="base").cache())
 
 
-def tune_als(interactions: DataFrame, cfg: EvaluateConfig) -> tuple[tuple[int, float], DataFrame]:
+def tune_als(interactions: DataFrame, cfg: EvaluateConfig,
+             based: tuple[DataFrame, DataFrame] | None = None) -> tuple[tuple[int, float], DataFrame]:
     """Grid cfg.als_ranks x cfg.als_reg_params, each fit on train and scored (RMSE) on
-    valid. Returns the best (rank, reg) and its valid predictions (cached)."""
-    fit, pairs = with_base(interactions, "valid", cfg)
+    valid. Returns the best (rank, reg) and its valid predictions (cached).
+    `based`: the caller's with_base(interactions, "valid"), which stays cached for it."""
+    fit, pairs = based or with_base(interactions, "valid", cfg)
     valid = interactions.filter(F.col("split") == "valid").select(
         "user_id", "item_id", F.col("rating").alias("label"))
     best = None
@@ -173,8 +175,9 @@ def tune_als(interactions: DataFrame, cfg: EvaluateConfig) -> tuple[tuple[int, f
             else:
                 pred.unpersist()
     logger.info("als best: rank=%d reg=%g (valid rmse=%.4f)", *best[1], best[0])
-    fit.unpersist()
-    pairs.unpersist()
+    if based is None:
+        fit.unpersist()
+        pairs.unpersist()
     return best[1], best[2]
 
 

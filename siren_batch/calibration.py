@@ -113,21 +113,22 @@ def _fit_frame(spark: SparkSession, cfg: Config) -> tuple[Any, tuple[int, float]
     _check_scored_by(scored, cfg, run_date)
     truth = (read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
              .where(F.col("split") == "valid").select(*KEY, F.col("rating").alias("label")))
-    feats, als_params = split_features(spark, cfg, "valid")
-    pairs = (scored.select(*KEY, "probs", "rating", "rating_median").join(truth, on=KEY, how="inner")
-             .join(feats, on=KEY, how="left")).cache()
-    n_valid, n_scored = pairs.count(), scored.count()
-    # A sampled valid run (score.limit) is fine; a partition of other pairs is not.
+    labelled = scored.select(*KEY, "probs", "rating", "rating_median").join(truth, on=KEY, how="inner").cache()
+    n_valid, n_scored = labelled.count(), scored.count()
+    # A sampled valid run (score.limit) is fine; a partition of other pairs is not. Checked
+    # before the features, whose ALS grid search is the stage's slow part.
     if n_valid < 0.5 * n_scored or not n_valid:
-        pairs.unpersist()
+        labelled.unpersist()
         raise ValueError(f"ratings run_date={run_date}: only {n_valid} of its {n_scored} scored rows are valid "
                          f"pairs: score split:valid first "
                          f"(siren-batch score score.candidates=split:valid score.run_date=...)")
+    feats, als_params = split_features(spark, cfg, "valid")
+    pairs = labelled.join(feats, on=KEY, how="left")
     if cfg.calibrate.max_rows:
         pdf = pairs.orderBy(F.xxhash64(*KEY)).limit(cfg.calibrate.max_rows).toPandas()
     else:
         pdf = pairs.toPandas()
-    pairs.unpersist()
+    labelled.unpersist()
     return pdf, als_params, run_date
 
 

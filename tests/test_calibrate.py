@@ -183,6 +183,23 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
     assert len(frame) == 12 and frame["label"].notna().all()
 
 
+def test_valid_features_reuse_the_tuned_als_fit(spark, tmp_path):
+    """The valid split's ALS column is the grid search's own fit, not a refit: the same
+    numbers as a refit with the chosen (rank, reg)."""
+    from siren_batch.config import load_config
+    from siren_batch.features import split_features
+
+    cfg = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", "evaluate.als_ranks=[2]",
+                                 "evaluate.als_reg_params=[0.1]", "evaluate.als_max_iter=3"])
+    _warehouse(spark, cfg)
+    tuned, params = split_features(spark, cfg, "valid")
+    refit, same = split_features(spark, cfg, "valid", params)
+    assert same == params == (2, 0.1)
+    a, b = (f.toPandas().sort_values(["user_id", "item_id"]).reset_index(drop=True) for f in (tuned, refit))
+    assert len(a) == 40 and a.als.notna().all()
+    np.testing.assert_allclose(a[["bias", "als"]].to_numpy(), b[["bias", "als"]].to_numpy(), atol=1e-9)
+
+
 # ---- the probe ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

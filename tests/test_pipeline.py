@@ -102,7 +102,8 @@ def _mixed_real_prompts(spark, cfg) -> tuple[list[str], list[str]]:
 def test_real_prompts_every_path_agrees_and_bf16_stays_close(spark, ml100k):
     """fp32: cross-user shared prefixes equal one prompt at a time within 1e-4 on real
     prompts of mixed users. bf16 (the CPU default where the CPU has native bf16,
-    ~1.6-1.9x fp32 here) stays within 0.15 in rating and 0.05 in probability."""
+    ~1.6-1.9x fp32 there) stays within 0.15 in rating and 0.05 in probability, on the
+    first two users' four prompts (emulated bf16 on an AVX2-only CPU takes ~8 s a prompt)."""
     import numpy as np
 
     from siren_batch.backends.transformers_backend import TransformersBackend
@@ -111,18 +112,22 @@ def test_real_prompts_every_path_agrees_and_bf16_stays_close(spark, ml100k):
     texts, users = _mixed_real_prompts(spark, cfg)
     assert len(texts) == 11 and len(set(users)) == 7
     runs = {}
+    first_two = list(dict.fromkeys(users))[:2]
+    bf16_rows = [k for k, u in enumerate(users) if u in first_two]
+    assert len(bf16_rows) == 4
     for name, kw in {"single": dict(dtype="float32", batch_size=1, shared_prefix=False),
                      "shared": dict(dtype="float32", shared_prefix=True, shared_prefix_min_tokens=8),
                      "bf16": dict(dtype="bfloat16", shared_prefix=True)}.items():
         backend = TransformersBackend(dataclasses.replace(cfg.score, device="cpu", **kw))
-        results = backend.score(texts, users)
+        rows = bf16_rows if name == "bf16" else range(len(texts))
+        results = backend.score([texts[k] for k in rows], [users[k] for k in rows])
         assert all(r.error is None for r in results), name
         runs[name] = (np.array([r.probs for r in results]), np.array([r.rating for r in results]))
         if name == "shared":    # the root, then the users' prefixes: the cross-user path really ran
             assert backend.stats["prefix_passes"] >= 2
     np.testing.assert_allclose(runs["shared"][0], runs["single"][0], atol=1e-4)
-    assert np.abs(runs["bf16"][0] - runs["single"][0]).max() < 0.05
-    assert 0 < np.abs(runs["bf16"][1] - runs["single"][1]).max() < 0.15    # really two dtypes, close
+    assert np.abs(runs["bf16"][0] - runs["single"][0][bf16_rows]).max() < 0.05
+    assert 0 < np.abs(runs["bf16"][1] - runs["single"][1][bf16_rows]).max() < 0.15    # really two dtypes, close
 
 
 def _candidates(spark, tmp_path, inter: pd.DataFrame) -> tuple[str, int]:
