@@ -202,9 +202,13 @@ def baseline_predictions(interactions: DataFrame, split: str, cfg: EvaluateConfi
     if "bias" in cfg.baselines:
         out["bias"] = bias_predict(pairs, *bias)
     if "als" in cfg.baselines:
-        (rank, reg), tuned = tune_als(interactions, cfg)
-        # split=valid: the tuning fit already is the fit on train
-        out["als"] = tuned if split == "valid" else als_predict(*with_base(interactions, split, cfg, bias),
-                                                                rank, reg, cfg)
+        # split=valid: the tuning fit already is the fit on train (on the biases just fit)
+        based = with_base(interactions, split, cfg, bias)
+        (rank, reg), tuned = tune_als(interactions, cfg, based=based if split == "valid" else None)
+        if split == "valid":
+            out["als"] = tuned
+        else:
+            tuned.unpersist()
+            out["als"] = als_predict(*based, rank, reg, cfg)
     logger.info("baselines for %s (fit on %s): %s", split, "+".join(FIT_SPLITS[split]), ", ".join(cfg.baselines))
     return {name: out[name] for name in cfg.baselines}

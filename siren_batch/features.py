@@ -35,15 +35,12 @@ def _baselines(interactions: DataFrame, split: str, cfg: Config,
                als_params: tuple[int, float] | None) -> tuple[DataFrame, tuple[int, float]]:
     """(user_id, item_id, bias, als) for the pairs of `split`, and the ALS (rank, reg) used."""
     fit, pairs = baselines.with_base(interactions, split, cfg.evaluate)
-    tuned = None
-    if als_params is None:
-        # split=valid: the grid search's fit on train and its valid predictions are the ones wanted
-        als_params, tuned = baselines.tune_als(interactions, cfg.evaluate,
-                                               based=(fit, pairs) if split == "valid" else None)
-    if tuned is not None and split == "valid":
-        als = tuned
+    if als_params is None and split == "valid":
+        # the grid search fits on train and predicts valid: its best predictions are the column
+        als_params, als = baselines.tune_als(interactions, cfg.evaluate, based=(fit, pairs))
     else:
-        if tuned is not None:
+        if als_params is None:
+            als_params, tuned = baselines.tune_als(interactions, cfg.evaluate)
             tuned.unpersist()
         als = baselines.als_predict(fit, pairs, *als_params, cfg.evaluate)
     out = (pairs.withColumnRenamed("base", "bias")
