@@ -1,6 +1,8 @@
 """Predicted ratings against the truth: the METRICS table and a Markdown report.
 
-    joined = join_truth(ratings, interactions, "test")
+    metrics = evaluate_systems({"llm:smollm2": ratings, "baseline:bias": bias}, interactions,
+                               cfg.evaluate, eval_id)        # every system in one aggregation
+    joined = join_truth(ratings, interactions, "test")       # or one system, its pairs inspected
     metrics = compute_metrics(joined, interactions, cfg.evaluate, "llm:smollm2", eval_id)
     text = markdown_report(metrics, "ml-100k test", PAPER_ROWS.get(cfg.dataset))
 
@@ -58,23 +60,33 @@ def join_truth(predictions: DataFrame, interactions: DataFrame, split: str) -> D
     `duplicate` flags pairs present more than once on either side (compute_metrics
     refuses them). A missing `error` column counts as no error.
     """
+    return _join(_truth(interactions, split), _predictions(predictions), split, KEY)
+
+
+def _truth(interactions: DataFrame, split: str) -> DataFrame:
     if split not in schemas.SPLITS:
         raise ValueError(f"split={split!r} is not one of {', '.join(schemas.SPLITS)}")
-    per_pair = Window.partitionBy(*KEY)
-    truth = (interactions.filter(F.col("split") == split)
-             .select(*KEY, "ts", F.col("rating").cast("double").alias("label"))
-             .withColumn("_n_truth", F.count(F.lit(1)).over(per_pair)))
+    return (interactions.filter(F.col("split") == split)
+            .select(*KEY, "ts", F.col("rating").cast("double").alias("label"))
+            .withColumn("_n_truth", F.count(F.lit(1)).over(Window.partitionBy(*KEY))))
+
+
+def _predictions(predictions: DataFrame) -> DataFrame:
     error = F.col("error") if "error" in predictions.columns else F.lit(None).cast("string")
-    preds = (predictions.select(*KEY, F.col("rating").cast("double").alias("rating"),
-                                error.cast("string").alias("error"))
-             .withColumn("_n_pred", F.count(F.lit(1)).over(per_pair)))
-    joined = truth.join(preds, on=KEY, how="full")
+    return predictions.select(*KEY, F.col("rating").cast("double").alias("rating"),
+                              error.cast("string").alias("error"))
+
+
+def _join(truth: DataFrame, preds: DataFrame, split: str, keys: list[str], *keep: str) -> DataFrame:
+    """The full join of _truth and _predictions rows on `keys`, with status and duplicate."""
+    preds = preds.withColumn("_n_pred", F.count(F.lit(1)).over(Window.partitionBy(*keys)))
+    joined = truth.join(preds, on=keys, how="full")
     in_truth = F.col("_n_truth").isNotNull()
     usable = F.col("rating").isNotNull() & ~F.isnan("rating") & F.col("error").isNull()
     status = F.when(~in_truth, "extra").when(usable, "covered").otherwise("uncovered")
     duplicate = (F.coalesce("_n_truth", F.lit(1)) > 1) | (F.coalesce("_n_pred", F.lit(1)) > 1)
-    return joined.select(*KEY, F.lit(split).alias("split"), "ts", "label", "rating", "error",
-                         status.alias("status"), duplicate.alias("duplicate"))
+    return joined.select(*keys, F.lit(split).alias("split"), "ts", "label", "rating", "error",
+                         status.alias("status"), duplicate.alias("duplicate"), *keep)
 
 
 # Readouts of one ratings partition, each judged as its own system: (column, name suffix).
@@ -139,7 +151,7 @@ def with_segments(truth: DataFrame, interactions: DataFrame, edges: list[int]) -
 
 
 def _aggregate(pairs: DataFrame) -> list[Any]:
-    """Sums per segment, through per-user sums so the user means come in the same job."""
+    """Sums per system and segment, through per-user sums so the user means come in the same job."""
     covered = F.col("status") == "covered"
     err = F.when(covered, F.col("rating") - F.col("label"))
     outside = covered & ((F.col("rating") < RATING_MIN) | (F.col("rating") > RATING_MAX))
@@ -148,14 +160,14 @@ def _aggregate(pairs: DataFrame) -> list[Any]:
         return F.sum(cond.cast("long"))
 
     per_user = (pairs.withColumn("segment", F.explode("segments"))
-                .groupBy("segment", "user_id")
+                .groupBy("system", "segment", "user_id")
                 .agg(count(F.col("status") != "extra").alias("n_truth"), count(covered).alias("n_cov"),
                      F.sum(F.abs(err)).alias("sum_abs"), F.sum(err * err).alias("sum_sq"),
                      count(F.col("status") == "extra").alias("n_extra"),
                      count(F.col("duplicate")).alias("n_dup"), count(outside).alias("n_out"),
                      F.min("split").alias("split_min"), F.max("split").alias("split_max")))
     has_cov = F.col("n_cov") > 0
-    return (per_user.groupBy("segment")
+    return (per_user.groupBy("system", "segment")
             .agg(*[F.sum(c).alias(c) for c in
                    ("n_truth", "n_cov", "sum_abs", "sum_sq", "n_extra", "n_dup", "n_out")],
                  F.avg(F.when(has_cov, F.col("sum_abs") / F.col("n_cov"))).alias("user_mae"),
@@ -195,28 +207,59 @@ def compute_metrics(joined: DataFrame, interactions: DataFrame, cfg: EvaluateCon
     """
     truth = with_segments(joined.filter(F.col("status") != "extra"), interactions, cfg.history_buckets)
     extra = joined.filter(F.col("status") == "extra").withColumn("segments", F.array(F.lit("all")))
-    rows = _aggregate(truth.unionByName(extra, allowMissingColumns=True))
-    by_segment = {r["segment"]: r for r in rows}
-    _check(by_segment.get("all"), cfg, system)
+    pairs = truth.unionByName(extra, allowMissingColumns=True).withColumn("system", F.lit(system))
+    return _metrics(pairs, cfg, [system], eval_id)
 
+
+def evaluate_systems(systems: dict[str, DataFrame], truth: DataFrame, cfg: EvaluateConfig, eval_id: str,
+                     history: DataFrame | None = None) -> DataFrame:
+    """METRICS rows of every system ({name: predictions with user_id, item_id, rating and
+    optionally error}) against the cfg.split rows of `truth` (an interactions frame), the
+    segments counted in `history` (default: `truth`): for each system, in `systems` order,
+    the rows of compute_metrics(join_truth(predictions, truth, cfg.split), history, ...),
+    from one join and one aggregation with the segments computed once (a job chain per
+    system cost ~2 s each, even on a night's few pairs). Raises as compute_metrics does."""
+    if not systems:
+        raise ValueError("no systems to evaluate")
+    history = truth if history is None else history
+    names = truth.sparkSession.createDataFrame([(name,) for name in systems], "system string")
+    truth = (with_segments(_truth(truth, cfg.split), history, cfg.history_buckets)
+             .crossJoin(F.broadcast(names)))
+    stacked = [_predictions(preds).withColumn("system", F.lit(name)) for name, preds in systems.items()]
+    preds = stacked[0]
+    for more in stacked[1:]:
+        preds = preds.unionByName(more)
+    pairs = (_join(truth, preds, cfg.split, ["system", *KEY], "segments")
+             .withColumn("segments", F.coalesce("segments", F.array(F.lit("all")))))  # extras: "all" only
+    return _metrics(pairs, cfg, list(systems), eval_id)
+
+
+def _metrics(pairs: DataFrame, cfg: EvaluateConfig, systems: list[str], eval_id: str) -> DataFrame:
+    """METRICS rows from joined pairs with their `system` and `segments`, checked per system."""
+    by_system: dict[str, dict[str, Any]] = {system: {} for system in systems}
+    for r in _aggregate(pairs):
+        by_system[r["system"]][r["segment"]] = r
     out = []
-    for segment in sorted(by_segment, key=segment_order):
-        r = by_segment[segment]
-        n_cov = r["n_cov"]
-        mae = r["sum_abs"] / n_cov if n_cov else None
-        rmse = math.sqrt(r["sum_sq"] / n_cov) if n_cov else None
-        values = [("mae", mae, n_cov), ("rmse", rmse, n_cov),
-                  ("user_mae", r["user_mae"], r["n_users"]), ("user_rmse", r["user_rmse"], r["n_users"]),
-                  ("coverage", n_cov / r["n_truth"] if r["n_truth"] else None, r["n_truth"])]
-        if segment == "all":
-            values += [("extra", float(r["n_extra"]), r["n_extra"]), ("out_of_range", float(r["n_out"]), n_cov)]
-        out += [(eval_id, cfg.split, system, segment, metric, value, int(n)) for metric, value, n in values]
-    total = by_segment["all"]
-    logger.info("%s on %s: mae=%s rmse=%s coverage=%d/%d", system, cfg.split,
-                _fmt(total["sum_abs"] / total["n_cov"] if total["n_cov"] else None),
-                _fmt(math.sqrt(total["sum_sq"] / total["n_cov"]) if total["n_cov"] else None),
-                total["n_cov"], total["n_truth"])
-    return joined.sparkSession.createDataFrame(out, schemas.METRICS)
+    for system, by_segment in by_system.items():
+        _check(by_segment.get("all"), cfg, system)
+        for segment in sorted(by_segment, key=segment_order):
+            r = by_segment[segment]
+            n_cov = r["n_cov"]
+            mae = r["sum_abs"] / n_cov if n_cov else None
+            rmse = math.sqrt(r["sum_sq"] / n_cov) if n_cov else None
+            values = [("mae", mae, n_cov), ("rmse", rmse, n_cov),
+                      ("user_mae", r["user_mae"], r["n_users"]), ("user_rmse", r["user_rmse"], r["n_users"]),
+                      ("coverage", n_cov / r["n_truth"] if r["n_truth"] else None, r["n_truth"])]
+            if segment == "all":
+                values += [("extra", float(r["n_extra"]), r["n_extra"]),
+                           ("out_of_range", float(r["n_out"]), n_cov)]
+            out += [(eval_id, cfg.split, system, segment, metric, value, int(n)) for metric, value, n in values]
+        total = by_segment["all"]
+        logger.info("%s on %s: mae=%s rmse=%s coverage=%d/%d", system, cfg.split,
+                    _fmt(total["sum_abs"] / total["n_cov"] if total["n_cov"] else None),
+                    _fmt(math.sqrt(total["sum_sq"] / total["n_cov"]) if total["n_cov"] else None),
+                    total["n_cov"], total["n_truth"])
+    return pairs.sparkSession.createDataFrame(out, schemas.METRICS)
 
 
 def segment_order(segment: str) -> tuple:

@@ -151,8 +151,7 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
     """The newest ratings partition and every configured baseline against the
     truth of evaluate.split -> metrics (appended by eval_id) and reports/."""
     from siren_batch.baselines import baseline_predictions
-    from siren_batch.evaluate import (PAPER_ROWS, compute_metrics, join_truth, llm_systems, markdown_report,
-                                      nll_metric)
+    from siren_batch.evaluate import PAPER_ROWS, evaluate_systems, llm_systems, markdown_report, nll_metric
     from siren_batch.warehouse import write_text
 
     with run_record(spark, cfg, "evaluate") as rec:
@@ -169,8 +168,7 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
                         for name, preds in
                         baseline_predictions(interactions, cfg.evaluate.split, cfg.evaluate).items()})
         eval_id = f"{run_date}-{rec.run_id}"
-        parts = [compute_metrics(join_truth(preds, truth, cfg.evaluate.split), interactions,
-                                 cfg.evaluate, system, eval_id) for system, preds in systems.items()]
+        parts = [evaluate_systems(systems, truth, cfg.evaluate, eval_id, history=interactions)]
         parts += [nll_metric(ratings, interactions, cfg.evaluate.split, probs, f"{llm}{suffix}", eval_id)
                   for probs, suffix in (("probs", ""), ("calibrated_probs", "+calibrated"))
                   if f"{llm}{suffix}" in systems]

@@ -10,8 +10,8 @@ from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.config import EvaluateConfig
-from siren_batch.evaluate import (PAPER_ROWS, compute_metrics, history_segment, join_truth, llm_systems,
-                                  markdown_report, nll_metric)
+from siren_batch.evaluate import (PAPER_ROWS, compute_metrics, evaluate_systems, history_segment, join_truth,
+                                  llm_systems, markdown_report, nll_metric)
 
 # u1 has two test pairs, u2 one whose item is new, u3 one whose prediction failed.
 INTERACTIONS = [
@@ -97,6 +97,29 @@ def test_duplicates_and_wrong_split_are_refused(spark, inter):
     valid = join_truth(ratings_frame(spark, PREDICTIONS), inter, "valid")
     with pytest.raises(ValueError, match="evaluate.split=test"):
         compute_metrics(valid, inter, cfg, "sys", "e1")
+
+
+def test_all_systems_at_once_give_each_systems_own_rows(spark, inter):
+    cfg = EvaluateConfig(missing="count", history_buckets=[3])
+    systems = {  # extras, an error, a missing pair, a prediction off the scale; a frame without `error`
+        "a": ratings_frame(spark, PREDICTIONS),
+        "b": ratings_frame(spark, [("u1", "i4", 6.0, None), ("u2", "i5", 1.5, None), ("u8", "i2", 2.0, None)]),
+        "c": spark.createDataFrame([("u1", "i6", 4.0), ("u3", "i1", 2.0)], "user_id string, item_id string, "
+                                   "rating double"),
+    }
+    together = evaluate_systems(systems, inter, cfg, "e1").collect()
+    alone = [r for name, preds in systems.items()
+             for r in compute_metrics(join_truth(preds, inter, "test"), inter, cfg, name, "e1").collect()]
+    assert [r.system for r in together] == [r.system for r in alone]   # systems in order, segments sorted
+    assert len(together) == len(alone) == 3 * (7 + 4 * 5)   # "all": 7 metrics; 4 segments: 5
+    for got, want in zip(together, alone):
+        assert got[:5] == want[:5] and got.n == want.n, (got, want)
+        assert got.value == pytest.approx(want.value, abs=1e-12) if want.value is not None else got.value is None
+    twice = {**systems, "d": ratings_frame(spark, PREDICTIONS + [("u1", "i4", 3.0, None)])}
+    with pytest.raises(ValueError, match="^d: 2 rows share"):
+        evaluate_systems(twice, inter, cfg, "e1")
+    with pytest.raises(ValueError, match="no systems"):
+        evaluate_systems({}, inter, cfg, "e1")
 
 
 def test_out_of_scale_predictions_are_scored_as_they_are(spark, inter):

@@ -62,7 +62,7 @@ def score_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -
 def evaluate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -> dict:
     """The newest earlier ratings partition against tonight's arrivals for its pairs."""
     from siren_batch.baselines import baseline_predictions
-    from siren_batch.evaluate import compute_metrics, join_truth, llm_systems
+    from siren_batch.evaluate import evaluate_systems, llm_systems
     from siren_batch.pipeline import replace_evaluation
 
     rec.reads, rec.writes = ["ratings", "arrived_interactions", "interactions"], ["metrics"]
@@ -92,12 +92,7 @@ def evaluate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
     model = preds.select("model_id").first()
     systems = llm_systems(in_truth, cfg.evaluate.system or f"llm:{model.model_id.rstrip('/').split('/')[-1]}")
     systems.update({f"baseline:{name}": p for name, p in baseline_predictions(view, "test", ev_cfg).items()})
-    parts = [compute_metrics(join_truth(p, view, "test"), view, ev_cfg, system, eval_id)
-             for system, p in systems.items()]
-    metrics = parts[0]
-    for part in parts[1:]:
-        metrics = metrics.unionByName(part)
-    metrics = metrics.localCheckpoint()
+    metrics = evaluate_systems(systems, view, ev_cfg, eval_id).localCheckpoint()
     replace_evaluation(spark, cfg, metrics, eval_id)
     view.unpersist()
     rec.input_rows, rec.output_rows = n_truth, metrics.count()
