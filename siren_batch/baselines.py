@@ -154,6 +154,19 @@ def with_base(interactions: DataFrame, split: str, cfg: EvaluateConfig,
             bias_predict(target_pairs(interactions, split), *bias, name="base").cache())
 
 
+def als_for_split(interactions: DataFrame, split: str, cfg: EvaluateConfig, based: tuple[DataFrame, DataFrame],
+                  params: tuple[int, float] | None = None) -> tuple[tuple[int, float], DataFrame]:
+    """(rank, reg) and ALS predictions for the pairs of `split`; `based` = with_base(interactions,
+    split, ...). Without `params` they are tuned on valid (tune_als); for split=valid the grid
+    search's own best fit (on train, predicting valid) is the answer, so nothing is refit."""
+    if params is None and split == "valid":
+        return tune_als(interactions, cfg, based=based)
+    if params is None:
+        params, tuned = tune_als(interactions, cfg)
+        tuned.unpersist()  # valid predictions; this split's come from the refit below
+    return params, als_predict(*based, *params, cfg)
+
+
 def tune_als(interactions: DataFrame, cfg: EvaluateConfig,
              based: tuple[DataFrame, DataFrame] | None = None) -> tuple[tuple[int, float], DataFrame]:
     """Grid cfg.als_ranks x cfg.als_reg_params, each fit on train and scored (RMSE) on
@@ -202,13 +215,6 @@ def baseline_predictions(interactions: DataFrame, split: str, cfg: EvaluateConfi
     if "bias" in cfg.baselines:
         out["bias"] = bias_predict(pairs, *bias)
     if "als" in cfg.baselines:
-        # split=valid: the tuning fit already is the fit on train (on the biases just fit)
-        based = with_base(interactions, split, cfg, bias)
-        (rank, reg), tuned = tune_als(interactions, cfg, based=based if split == "valid" else None)
-        if split == "valid":
-            out["als"] = tuned
-        else:
-            tuned.unpersist()
-            out["als"] = als_predict(*based, rank, reg, cfg)
+        _, out["als"] = als_for_split(interactions, split, cfg, with_base(interactions, split, cfg, bias))
     logger.info("baselines for %s (fit on %s): %s", split, "+".join(FIT_SPLITS[split]), ", ".join(cfg.baselines))
     return {name: out[name] for name in cfg.baselines}

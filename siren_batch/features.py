@@ -35,14 +35,7 @@ def _baselines(interactions: DataFrame, split: str, cfg: Config,
                als_params: tuple[int, float] | None) -> tuple[DataFrame, tuple[int, float]]:
     """(user_id, item_id, bias, als) for the pairs of `split`, and the ALS (rank, reg) used."""
     fit, pairs = baselines.with_base(interactions, split, cfg.evaluate)
-    if als_params is None and split == "valid":
-        # the grid search fits on train and predicts valid: its best predictions are the column
-        als_params, als = baselines.tune_als(interactions, cfg.evaluate, based=(fit, pairs))
-    else:
-        if als_params is None:
-            als_params, tuned = baselines.tune_als(interactions, cfg.evaluate)
-            tuned.unpersist()
-        als = baselines.als_predict(fit, pairs, *als_params, cfg.evaluate)
+    als_params, als = baselines.als_for_split(interactions, split, cfg.evaluate, (fit, pairs), als_params)
     out = (pairs.withColumnRenamed("base", "bias")
            .join(als.withColumnRenamed("rating", "als"), on=KEY, how="left"))
     return out, als_params
