@@ -44,7 +44,7 @@ from siren_batch.assets import REPO_ROOT, resolve_llm
 from siren_batch.bench_overhead_figures import figures, linear_fit, markdown
 from siren_batch.config import load_config
 from siren_batch.profiling import write_results
-from siren_batch.spark import get_spark
+from siren_batch.spark import get_spark, task_cpus
 from siren_batch.warehouse import read_table, table_exists
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def backend_alone(spark, cfg, path: str) -> dict:
 
     from siren_batch.backends import load_backend
 
-    threads = cfg.score.torch_threads or int(spark.conf.get("spark.task.cpus", "1"))
+    threads = cfg.score.torch_threads or task_cpus(spark)
     score_cfg = dataclasses.replace(cfg.score, model=resolve_llm(cfg.score.model), torch_threads=threads)
     backend = load_backend(score_cfg)
     seconds = cpu = 0.0

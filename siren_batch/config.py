@@ -98,10 +98,12 @@ class EmbedConfig:
     max_seq_length: int = 256         # tokens; longer item texts are truncated
     normalize: bool = True            # unit-length vectors (cosine K-means)
     device: str = "auto"              # auto | cpu | cuda
+    torch_threads: int = 0            # CPU: torch intra-op threads per task; 0 = spark.task.cpus
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "embed.batch_size must be > 0")
         _require(self.device in ("auto", "cpu", "cuda"), "embed.device must be auto, cpu or cuda")
+        _require(self.torch_threads >= 0, "embed.torch_threads must be >= 0 (0 = spark.task.cpus)")
 
 
 @dataclass
@@ -194,7 +196,7 @@ class ScoreConfig:
         _require(self.limit is None or self.limit > 0, "score.limit must be > 0 (or null for no limit)")
         _require(self.partitions >= 0, "score.partitions must be >= 0 (0 = Spark's default parallelism)")
         _require(self.shared_prefix_min_tokens >= 1 and self.torch_threads >= 0,
-                 "score.shared_prefix_min_tokens must be >= 1 and score.torch_threads >= 0 (0 = torch default)")
+                 "score.shared_prefix_min_tokens must be >= 1 and score.torch_threads >= 0 (0 = spark.task.cpus)")
 
 
 @dataclass

@@ -8,6 +8,7 @@ cost is one model load per worker, not per batch or per task.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Callable, Iterator
@@ -19,6 +20,7 @@ from pyspark.sql import DataFrame
 from siren_batch import assets, model_cache, schemas
 from siren_batch.backends.device import pick_device
 from siren_batch.config import EmbedConfig
+from siren_batch.spark import task_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +42,16 @@ def load_encoder(cfg: EmbedConfig):
 
 def make_encode_fn(cfg: EmbedConfig) -> Callable[[list[str]], np.ndarray]:
     """Return `encode(texts) -> float32 array (n, dims)`; the model loads on first call
-    and stays cached in this Python process."""
+    and stays cached in this Python process. On CPU, cfg.torch_threads (when > 0) is set
+    on every call: a worker process may have run another stage's model in between."""
     key = f"encoder:{cfg.model}:{cfg.device}:{cfg.max_seq_length}"
 
     def encode(texts: list[str]) -> np.ndarray:
         model = model_cache.get_or_load(key, lambda: load_encoder(cfg))
+        if cfg.torch_threads and model.device.type == "cpu":
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
         vectors = model.encode(texts, batch_size=cfg.batch_size, normalize_embeddings=cfg.normalize,
                                convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
@@ -60,14 +67,23 @@ def _to_batch(item_ids: pa.Array, vectors: np.ndarray) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([item_ids, embedding], names=["item_id", "embedding"])
 
 
+def task_threads(cfg: EmbedConfig, spark) -> EmbedConfig:
+    """cfg with torch_threads=0 resolved to spark.task.cpus, the cores Spark reserves per task."""
+    if cfg.torch_threads:
+        return cfg
+    return dataclasses.replace(cfg, torch_threads=task_cpus(spark))
+
+
 def embed_items(items: DataFrame, cfg: EmbedConfig) -> DataFrame:
     """Encode items.text into ITEM_EMBEDDINGS (item_id, embedding array<float>).
 
     Unit-length vectors when cfg.normalize (so euclidean K-means ranks like cosine).
     Null or blank text (ingest rejects such rows) is encoded as the empty string
     rather than failing the batch; the count is logged by the worker.
+    torch_threads=0 gives each task spark.task.cpus threads, as the score stage does:
+    otherwise every concurrent task's torch takes all of the executor's cores.
     """
-    encode = make_encode_fn(cfg)
+    encode = make_encode_fn(task_threads(cfg, items.sparkSession))
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:

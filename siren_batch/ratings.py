@@ -29,6 +29,7 @@ from siren_batch import schemas
 from siren_batch.assets import llm_id, training_meta
 from siren_batch.config import Config
 from siren_batch.console import Progress
+from siren_batch.spark import task_cpus
 from siren_batch.timers import StageTimers
 from siren_batch.warehouse import (delete_path, list_dir, move_path, parquet_rows, path_exists, read_table,
                                    read_text, run_record, write_table, write_text)
@@ -179,7 +180,7 @@ TASK_PHASES = ("render_input", "render", "render_output", "score_input", "backen
 
 
 def _task_slots(spark: SparkSession) -> int:
-    return max(1, spark.sparkContext.defaultParallelism // int(spark.conf.get("spark.task.cpus", "1")))
+    return max(1, spark.sparkContext.defaultParallelism // task_cpus(spark))
 
 
 # What the committed chunks depend on: a change elsewhere (training, evaluation) keeps them.

@@ -66,6 +66,12 @@ def get_spark(cfg: SparkConfig):
     return spark
 
 
+def task_cpus(spark) -> int:
+    """spark.task.cpus: the cores Spark reserves for each task. A task's torch runs this many
+    threads, so the tasks running side by side on an executor share its cores."""
+    return int(spark.conf.get("spark.task.cpus", "1"))
+
+
 def driver_java_options(cfg: SparkConfig) -> str:
     """spark.driver.extraJavaOptions with our log4j2.properties, merged into the user's
     own options (spark.extra) unless those already name a log4j configuration."""

@@ -55,7 +55,10 @@ def test_embed_items_empty_frame(spark):
 
 class _FakeEncoder:
     def __init__(self):
+        import torch
+
         self.calls = []
+        self.device = torch.device("cpu")
 
     def encode(self, texts, **kwargs):
         self.calls.append(kwargs)
@@ -74,6 +77,31 @@ def test_make_encode_fn_loads_once_and_passes_config(monkeypatch):
     assert len(loads) == 1
     assert first.dtype == np.float32 and first[:, 0].tolist() == [2.0, 4.0] and second.shape == (1, 2)
     assert fake.calls[0]["batch_size"] == 7 and fake.calls[0]["normalize_embeddings"] is False
+
+
+def test_each_task_gets_the_cores_spark_reserves_for_it(spark, monkeypatch):
+    """torch_threads=0 resolves on the driver to spark.task.cpus (as the score stage's does),
+    and the encoder sets it on every call: a worker's earlier model may have set another count."""
+    import torch
+
+    assert spark.conf.get("spark.task.cpus", "1") == "1"   # local mode: one core per task
+    assert embed.task_threads(EmbedConfig(), spark).torch_threads == 1
+    assert embed.task_threads(EmbedConfig(torch_threads=3), spark).torch_threads == 3
+    model_cache.clear()
+    monkeypatch.setattr(embed, "load_encoder", lambda cfg: _FakeEncoder())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        embed.make_encode_fn(EmbedConfig(model="fake-model", device="cpu", torch_threads=1))(["a"])
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        embed.make_encode_fn(EmbedConfig(model="fake-model", device="cpu"))(["a"])   # 0: left alone
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        model_cache.clear()
+    with pytest.raises(ValueError, match="embed.torch_threads"):
+        EmbedConfig(torch_threads=-1)
 
 
 def test_pick_device():
