@@ -44,7 +44,7 @@ from siren_batch.assets import REPO_ROOT, resolve_llm
 from siren_batch.bench_overhead_figures import figures, linear_fit, markdown
 from siren_batch.config import load_config
 from siren_batch.profiling import write_results
-from siren_batch.spark import get_spark, task_cpus
+from siren_batch.spark import get_spark, task_threads
 from siren_batch.warehouse import read_table, table_exists
 
 logger = logging.getLogger(__name__)
@@ -130,8 +130,8 @@ def backend_alone(spark, cfg, path: str) -> dict:
 
     from siren_batch.backends import load_backend
 
-    threads = cfg.score.torch_threads or task_cpus(spark)
-    score_cfg = dataclasses.replace(cfg.score, model=resolve_llm(cfg.score.model), torch_threads=threads)
+    score_cfg = dataclasses.replace(cfg.score, model=resolve_llm(cfg.score.model),
+                                    torch_threads=task_threads(cfg.score.torch_threads, spark))
     backend = load_backend(score_cfg)
     seconds = cpu = 0.0
     pairs = calls = 0
@@ -144,8 +144,8 @@ def backend_alone(spark, cfg, path: str) -> dict:
             seconds += time.perf_counter() - start
             cpu += time.process_time() - cpu_start
             pairs, calls = pairs + len(prompts), calls + 1
-    return {"pairs": pairs, "calls": calls, "seconds": seconds, "cpu_seconds": cpu, "torch_threads": threads,
-            "pairs_per_s": pairs / seconds if seconds else None, "stats": dict(backend.stats)}
+    return {"pairs": pairs, "calls": calls, "seconds": seconds, "cpu_seconds": cpu,
+            "torch_threads": score_cfg.torch_threads, "pairs_per_s": pairs / seconds if seconds else None, "stats": dict(backend.stats)}
 
 
 # ---- kill halfway and start again ------------------------------------------------------

@@ -20,7 +20,7 @@ from pyspark.sql import DataFrame
 from siren_batch import assets, model_cache, schemas
 from siren_batch.backends.device import pick_device
 from siren_batch.config import EmbedConfig
-from siren_batch.spark import task_cpus
+from siren_batch.spark import task_threads
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +67,6 @@ def _to_batch(item_ids: pa.Array, vectors: np.ndarray) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([item_ids, embedding], names=["item_id", "embedding"])
 
 
-def task_threads(cfg: EmbedConfig, spark) -> EmbedConfig:
-    """cfg with torch_threads=0 resolved to spark.task.cpus, the cores Spark reserves per task."""
-    if cfg.torch_threads:
-        return cfg
-    return dataclasses.replace(cfg, torch_threads=task_cpus(spark))
-
-
 def embed_items(items: DataFrame, cfg: EmbedConfig) -> DataFrame:
     """Encode items.text into ITEM_EMBEDDINGS (item_id, embedding array<float>).
 
@@ -83,7 +76,8 @@ def embed_items(items: DataFrame, cfg: EmbedConfig) -> DataFrame:
     torch_threads=0 gives each task spark.task.cpus threads, as the score stage does:
     otherwise every concurrent task's torch takes all of the executor's cores.
     """
-    encode = make_encode_fn(task_threads(cfg, items.sparkSession))
+    encode = make_encode_fn(dataclasses.replace(cfg, torch_threads=task_threads(cfg.torch_threads,
+                                                                                  items.sparkSession)))
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:

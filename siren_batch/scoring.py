@@ -19,7 +19,7 @@ from siren_batch.assets import resolve_llm
 from siren_batch.backends import (SCALE, Backend, ScoreResult, ScoringError, load_backend,
                                   readout_median)
 from siren_batch.config import ScoreConfig
-from siren_batch.spark import task_cpus
+from siren_batch.spark import task_threads
 from siren_batch.timers import StageTimers
 
 if TYPE_CHECKING:
@@ -122,8 +122,7 @@ def score_frame(prompts: "DataFrame", cfg: ScoreConfig, timers: StageTimers | No
     the seconds by phase (make_predict_fn), and the Arrow transfers (score_input, score_output).
     """
     spark = prompts.sparkSession
-    if cfg.torch_threads == 0:
-        cfg = dataclasses.replace(cfg, torch_threads=task_cpus(spark))
+    cfg = dataclasses.replace(cfg, torch_threads=task_threads(cfg.torch_threads, spark))
     timers = timers or StageTimers()
     predict = make_predict_fn(cfg, timers)
 

@@ -72,6 +72,12 @@ def task_cpus(spark) -> int:
     return int(spark.conf.get("spark.task.cpus", "1"))
 
 
+def task_threads(configured: int, spark) -> int:
+    """Torch threads for one task: `configured` (a stage's torch_threads), or spark.task.cpus
+    when it is 0."""
+    return configured or task_cpus(spark)
+
+
 def driver_java_options(cfg: SparkConfig) -> str:
     """spark.driver.extraJavaOptions with our log4j2.properties, merged into the user's
     own options (spark.extra) unless those already name a log4j configuration."""

@@ -84,9 +84,11 @@ def test_each_task_gets_the_cores_spark_reserves_for_it(spark, monkeypatch):
     and the encoder sets it on every call: a worker's earlier model may have set another count."""
     import torch
 
+    from siren_batch.spark import task_threads
+
     assert spark.conf.get("spark.task.cpus", "1") == "1"   # local mode: one core per task
-    assert embed.task_threads(EmbedConfig(), spark).torch_threads == 1
-    assert embed.task_threads(EmbedConfig(torch_threads=3), spark).torch_threads == 3
+    assert task_threads(EmbedConfig().torch_threads, spark) == 1
+    assert task_threads(EmbedConfig(torch_threads=3).torch_threads, spark) == 3
     model_cache.clear()
     monkeypatch.setattr(embed, "load_encoder", lambda cfg: _FakeEncoder())
     before = torch.get_num_threads()
