@@ -24,18 +24,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from siren_batch import pipeline
+from conftest import ML100K_SCORE
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parent.parent
 MASTER_PORT = 7077
 MASTER = f"spark://127.0.0.1:{MASTER_PORT}"
-# What both runs score and evaluate: a deterministic 12-pair sample, fp32 (bf16 would make
-# the comparison depend on how rows meet in a batch), the same task count; two baselines
-# (ALS alone took a minute of the cluster run; tests/test_baselines.py covers it).
-SCORE = ["score.limit=12", "score.partitions=2", "score.dtype=float32", "score.run_date=2026-01-05",
-         "evaluate.scope=scored", "evaluate.missing=count", "evaluate.baselines=[global_mean,bias]"]
+# What the cluster scores and evaluates: what the session's local reference (conftest.ml100k_scored)
+# does, with its first two baselines.
+SCORE = [*ML100K_SCORE, "evaluate.baselines=[global_mean,bias]"]
 # Columns that name a run, not its result.
 RUN_COLUMNS = {"run_id", "eval_id", "started_at", "duration_s"}
 TABLES = ["interactions", "items", "rejects", "item_embeddings", "topics", "item_topics", "sketches",
@@ -136,20 +134,6 @@ def _submit(cluster: dict, job: str, warehouse: Path, *overrides: str, timeout: 
     return run
 
 
-def _local(spark, ml100k, tmp_path) -> Path:
-    """The reference: the session's local-mode sketch chain (a copy), then score and evaluate."""
-    from siren_batch.config import load_config
-
-    cfg, _ = ml100k
-    warehouse = tmp_path / "local"
-    shutil.copytree(cfg.warehouse, warehouse)
-    local = load_config(overrides=[f"warehouse={warehouse}", "dataset=ml-100k", "prompts.variants=sketch,raw",
-                                   "calibrate.enabled=false", *SCORE])
-    for stage in ("score", "evaluate"):
-        pipeline.STAGES[stage](spark, local)
-    return warehouse / "ml-100k"
-
-
 def _same(a, b, atol: float) -> bool:
     """Nested values equal, floats within atol (NaN equals NaN)."""
     if hasattr(a, "tolist"):
@@ -174,7 +158,7 @@ def _frame(folder: Path) -> pd.DataFrame:
     return df.sort_values(keys or list(df.columns[:1])).reset_index(drop=True)
 
 
-def test_demo_chain_on_a_standalone_cluster_equals_local_mode(spark, ml100k, cluster, tmp_path):
+def test_demo_chain_on_a_standalone_cluster_equals_local_mode(ml100k_scored, cluster, tmp_path):
     # The sketch variant and the test split's examples only (the session's local chain holds
     # raw prompts and every split's; compared below on the same rows): the train split's
     # 100k example sketches and prompts cost minutes on two one-core workers and test nothing
@@ -184,7 +168,8 @@ def test_demo_chain_on_a_standalone_cluster_equals_local_mode(spark, ml100k, clu
                   *SCORE)
     # spark-submit relays the Python driver's stdout and stderr on its own stdout
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    local = _local(spark, ml100k, tmp_path)
+    local_cfg, _, _ = ml100k_scored   # the session's local-mode chain (a copy), then score and evaluate
+    local = Path(local_cfg.warehouse) / "ml-100k"
     remote = tmp_path / "cluster" / "ml-100k"
     compared = []
     for table in TABLES:
@@ -197,6 +182,8 @@ def test_demo_chain_on_a_standalone_cluster_equals_local_mode(spark, ml100k, clu
         if table in ("example_sketches", "prompts"):
             theirs = theirs[theirs.split == "test"].reset_index(drop=True)
             assert len(theirs) > 900, table   # ml-100k: one test row per user
+        if table == "metrics":               # the reference also evaluated two more baselines
+            theirs = theirs[theirs.system.isin(set(mine.system))].reset_index(drop=True)
         assert list(mine.columns) == list(theirs.columns), table
         assert len(mine) == len(theirs), f"{table}: {len(mine)} rows on the cluster, {len(theirs)} locally"
         for column in mine.columns:

@@ -197,22 +197,17 @@ def test_score_staging_resumes_only_the_same_candidates(spark, tmp_path):
     assert not (tmp_path / "staging" / "chunks").exists()
 
 
-def test_score_and_evaluate_test_split_sample(spark, ml100k):
-    base, _ = ml100k
-    cfg = load_config(overrides=[f"warehouse={base.warehouse}", "score.run_date=2026-01-02", "calibrate.enabled=false",
-                                 "score.limit=12", "evaluate.scope=scored", "evaluate.als_ranks=[8]",
-                                 "evaluate.als_reg_params=[0.1]", "evaluate.baselines=user_mean,bias,als"])
-    summary = pipeline.score(spark, cfg)
+def test_score_and_evaluate_test_split_sample(spark, ml100k_scored):
+    cfg, summary, result = ml100k_scored   # 12 test pairs scored, then evaluated against four baselines
     assert summary["rows"] == 12 and summary["errors"] == 0
-    result = pipeline.evaluate(spark, cfg)
     metrics = read_table(spark, cfg, "metrics", schemas.METRICS).toPandas()
     mine = metrics[metrics.eval_id == result["eval_id"]]
     llm = "llm:smollm2-135m-instruct"
-    assert set(mine.system) == {llm, f"{llm}/median", f"{llm}/argmax", "baseline:user_mean", "baseline:bias",
-                                "baseline:als"}
+    assert set(mine.system) == {llm, f"{llm}/median", f"{llm}/argmax", "baseline:global_mean", "baseline:user_mean",
+                                "baseline:bias", "baseline:als"}
     nll = mine[mine.metric == "nll"]
     assert list(nll.system) == [llm] and nll.value.iloc[0] > 0 and nll.n.iloc[0] == 12
     cov = mine[(mine.metric == "coverage") & (mine.segment == "all")]
     assert (cov.value == 1.0).all() and (cov.n == 12).all()
-    report = (pd.io.common.Path(base.table_path("reports")) / "latest.md").read_text()
+    report = (pd.io.common.Path(cfg.table_path("reports")) / "latest.md").read_text()
     assert "llm:smollm2-135m-instruct" in report and "baseline:als" in report
