@@ -193,9 +193,10 @@ def test_ml100k_matches_pandas_recomputation(spark):
     users = sorted(raw["user_id"].unique())[::40]  # 24 users, all their targets
     got = example_sketches(*frames, cfg).where(f"user_id in ({','.join(repr(u) for u in users)})").collect()
     assert len(got) == int(raw["user_id"].isin(users).sum())
+    by_user = {u: g.sort_values(["ts", "item_id"]) for u, g in raw[raw["user_id"].isin(users)].groupby("user_id")}
     for row in got:
-        mine = raw[raw["user_id"] == row.user_id]
-        hist = mine[mine["ts"] < row.ts].sort_values(["ts", "item_id"])
+        mine = by_user[row.user_id]
+        hist = mine[mine["ts"] < row.ts]
         assert row.n_history == len(hist)
         stats = hist.groupby("topic")["rating"].agg(["count", "mean"]).sort_index()
         assert [(s.topic_id, s["count"]) for s in row.topic_stats] == list(zip(stats.index, stats["count"]))
