@@ -145,7 +145,8 @@ def backend_alone(spark, cfg, path: str) -> dict:
             cpu += time.process_time() - cpu_start
             pairs, calls = pairs + len(prompts), calls + 1
     return {"pairs": pairs, "calls": calls, "seconds": seconds, "cpu_seconds": cpu,
-            "torch_threads": score_cfg.torch_threads, "pairs_per_s": pairs / seconds if seconds else None, "stats": dict(backend.stats)}
+            "torch_threads": score_cfg.torch_threads, "pairs_per_s": pairs / seconds if seconds else None,
+            "stats": dict(backend.stats)}
 
 
 # ---- kill halfway and start again ------------------------------------------------------
