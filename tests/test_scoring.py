@@ -214,6 +214,27 @@ def test_a_failing_row_fails_alone_with_its_reason(backend, monkeypatch):
     np.testing.assert_allclose(_probs(results[:bad] + results[bad + 1:]), expected, atol=1e-4)
 
 
+def test_every_call_sets_the_configured_torch_threads(backend, prompts):
+    """A reused worker may have run the encoder with another thread count since the backend
+    loaded: each scoring call sets cfg.torch_threads again (0 leaves the count alone)."""
+    import torch
+
+    before, cfg = torch.get_num_threads(), backend.cfg
+    try:
+        backend.cfg = dataclasses.replace(cfg, torch_threads=1)
+        for call in (lambda: backend.score(*prompts), lambda: backend.answer_states(prompts[0][:1], [-1])):
+            torch.set_num_threads(2)
+            call()
+            assert torch.get_num_threads() == 1
+        backend.cfg = dataclasses.replace(cfg, torch_threads=0)
+        torch.set_num_threads(2)
+        backend.score(*prompts)
+        assert torch.get_num_threads() == 2
+    finally:
+        backend.cfg = cfg
+        torch.set_num_threads(before)
+
+
 def test_lora_adapter_changes_the_readout(tiny_model, tmp_path, backend, prompts):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

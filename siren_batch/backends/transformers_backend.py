@@ -73,13 +73,11 @@ class TransformersBackend:
     def __init__(self, cfg: ScoreConfig, model=None, tokenizer=None):
         """Load cfg.model (+ cfg.adapter); or serve an already built `model` and
         `tokenizer` (benchmarks with random-initialised weights, tests)."""
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
         self.device = pick_device(cfg.device)
-        if cfg.torch_threads and self.device == "cpu":
-            torch.set_num_threads(cfg.torch_threads)
+        self._use_threads()
         if model is None:
             path = resolve_llm(cfg.model)
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -121,6 +119,14 @@ class TransformersBackend:
                 errors[i] = ScoreResult.failed(
                     f"prompt_too_long: {len(row)} tokens{extra} > {self.max_positions}", len(row))
         return ids, errors
+
+    def _use_threads(self) -> None:
+        """On CPU, cfg.torch_threads (when > 0), set at load and again by every public call:
+        a reused worker process may have run another stage's model (the encoder) since."""
+        import torch
+
+        if self.cfg.torch_threads and self.device == "cpu" and torch.get_num_threads() != self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
 
     def _to_device(self, tensor):
         """Host tensor -> device; on CUDA pinned and asynchronous, so the copy overlaps the
@@ -231,6 +237,7 @@ class TransformersBackend:
     def score(self, prompts: list[str], groups: list[str]) -> list[ScoreResult]:
         if len(groups) != len(prompts):
             raise ValueError(f"score: {len(prompts)} prompts but {len(groups)} groups")
+        self._use_threads()
         ids, errors = self._encode(prompts)
         results: list[ScoreResult | None] = [errors.get(i) for i in range(len(prompts))]
         todo = [i for i in range(len(prompts)) if i not in errors]
@@ -301,6 +308,7 @@ class TransformersBackend:
         float32, and per prompt None or its error (its row is then zeros)."""
         import torch
 
+        self._use_threads()
         ids, errors = self._encode(prompts)
         width = self.model.config.hidden_size * len(layers)
         out = np.zeros((len(prompts), width), dtype=np.float32)
@@ -319,6 +327,7 @@ class TransformersBackend:
     # ---- chain of thought ----------------------------------------------------------
 
     def generate_cot(self, prompts: list[str]) -> list[ScoreResult]:
+        self._use_threads()
         ids, errors = self._encode(prompts, reserve=self.cfg.max_new_tokens)
         results: list[ScoreResult | None] = [errors.get(i) for i in range(len(prompts))]
         todo = [i for i in range(len(prompts)) if i not in errors]
