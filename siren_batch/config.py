@@ -67,6 +67,7 @@ class DataConfig:
     kcore: int = 5                    # keep users and items with >= kcore interactions; 0 = off
     split: str = "leave_last_out"     # leave_last_out | source (the source brings its own)
     ts_unit: str = "ms"               # table source: unit of the ts column: ms | s (epoch) | iso (date-time text)
+    sample_users: float = 1.0         # dry runs: keep this share of users (hashed ids) and the items they rated
 
     SOURCES = ("movielens100k", "movielens1m", "siren_movies", "amazon2023", "table")
 
@@ -87,6 +88,7 @@ class DataConfig:
                  "data.split must be leave_last_out or source")
         _require(self.format in ("parquet", "csv"), "data.format must be parquet or csv")
         _require(self.ts_unit in ("ms", "s", "iso"), "data.ts_unit must be ms, s or iso")
+        _require(0.0 < self.sample_users <= 1.0, "data.sample_users must be within (0, 1] (1 = every user)")
         _require(self.source not in ("amazon2023", "table") or bool(self.path),
                  f"data.source={self.source} needs data.path=<file or folder>")
 

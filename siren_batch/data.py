@@ -61,15 +61,26 @@ def ingest(spark: SparkSession, cfg: Config, *, check_rejects: bool = False) -> 
         ts_unit=ts_unit, source_split=data.split == "source")
     valid = kept.persist()
     kept, kcore_rejects = validate.kcore_filter(valid, data.kcore)
+    sampled_out = None
+    if data.sample_users < 1.0:  # after the k-core: a sampled user keeps the rows a full run keeps
+        keep = validate.in_user_sample(data.sample_users)
+        kept, sampled_out = kept.where(keep), kept.where(~keep)
     if data.split == "leave_last_out":
         kept = validate.leave_last_out_split(kept)
     interactions = conform(kept, schemas.INTERACTIONS).persist()
+    all_items = items
+    if sampled_out is not None:  # the items the sampled users rated; the rest are counted, not written
+        rated = interactions.select("item_id").distinct()
+        items = all_items.join(rated, on="item_id", how="left_semi").persist()
+        sampled_out = (sampled_out, all_items.join(rated, on="item_id", how="left_anti"))
     rejects = (conform(item_rejects, schemas.REJECTS)
                .unionByName(conform(inter_rejects, schemas.REJECTS))
                .unionByName(conform(kcore_rejects, schemas.REJECTS))).persist()
     result = IngestResult(interactions, items, rejects, ingest_counts(raw_inter, raw_items, interactions, items,
-                                                                      rejects))
+                                                                      rejects, sampled_out))
     valid.unpersist()  # the outputs above are cached and counted: nothing reads it again
+    if items is not all_items:
+        all_items.unpersist()
     logger.info("ingest %s: %s", data.source, result.counts)
     if check_rejects:
         check_reject_fraction(result.counts, data.max_reject_fraction)
@@ -77,11 +88,12 @@ def ingest(spark: SparkSession, cfg: Config, *, check_rejects: bool = False) -> 
 
 
 def ingest_counts(raw_inter: DataFrame, raw_items: DataFrame, interactions: DataFrame, items: DataFrame,
-                  rejects: DataFrame) -> dict[str, int]:
-    """Input, kept and rejected rows (in total and by reason) of interactions and items,
-    the kept interactions' users, items and rows per split; raises unless input = kept +
-    rejected for each. One aggregation over the five frames tagged and unioned: one Spark
-    job instead of one per count (on a night's few rows, each job's fixed cost is the cost)."""
+                  rejects: DataFrame, sampled_out: tuple[DataFrame, DataFrame] | None = None) -> dict[str, int]:
+    """Input, kept, rejected and sampled-out rows (data.sample_users: the valid rows of the
+    users and items a dry run leaves out) of interactions and items, rejects by reason, the
+    kept interactions' users, items and rows per split; raises unless input = kept +
+    rejected + sampled out for each. One aggregation over the frames tagged and unioned: one
+    Spark job instead of one per count (on a night's few rows, each job's fixed cost is the cost)."""
     none = F.lit(None).cast("string")
 
     def tag(df: DataFrame, kind: str, source, reason=None, kept_rows: bool = False) -> DataFrame:
@@ -94,6 +106,8 @@ def ingest_counts(raw_inter: DataFrame, raw_items: DataFrame, interactions: Data
               .unionByName(tag(interactions, "kept", "interactions", kept_rows=True))
               .unionByName(tag(items, "kept", "items"))
               .unionByName(tag(rejects, "rejected", F.col("source"), validate.reason_code(F.col("reason")))))
+    for source, frame in zip(REJECT_REASONS, sampled_out or ()):
+        tagged = tagged.unionByName(tag(frame, "sampled_out", source))
     groups = {(r["kind"], r["source"], r["reason"]): r for r in tagged.groupBy("kind", "source", "reason").agg(
         F.count(F.lit(1)).alias("n"), F.countDistinct("user_id").alias("users"),
         F.countDistinct("item_id").alias("interacted_items"),
@@ -101,14 +115,15 @@ def ingest_counts(raw_inter: DataFrame, raw_items: DataFrame, interactions: Data
     ).collect()}
     counts: dict[str, int] = {}
     for source, reasons in REJECT_REASONS.items():
-        n_in, n_kept = (int(groups[(kind, source, None)]["n"]) if (kind, source, None) in groups else 0
-                        for kind in ("input", "kept"))
+        n_in, n_kept, n_out = (int(groups[(kind, source, None)]["n"]) if (kind, source, None) in groups else 0
+                               for kind in ("input", "kept", "sampled_out"))
         by_reason = {reason: int(r["n"]) for (k, s, reason), r in groups.items() if k == "rejected" and s == source}
         counts.update({f"input_{source}": n_in, f"kept_{source}": n_kept,
-                       f"rejected_{source}": sum(by_reason.values())})
+                       f"rejected_{source}": sum(by_reason.values()), f"sampled_out_{source}": n_out})
         counts.update({f"rejected_{source}_{reason}": by_reason.get(reason, 0) for reason in reasons})
-        if n_in != n_kept + counts[f"rejected_{source}"]:  # a bug, never data
-            raise RuntimeError(f"{source}: input {n_in} != kept {n_kept} + rejected {counts[f'rejected_{source}']}")
+        if n_in != n_kept + counts[f"rejected_{source}"] + n_out:  # a bug, never data
+            raise RuntimeError(f"{source}: input {n_in} != kept {n_kept} + rejected {counts[f'rejected_{source}']}"
+                               + (f" + sampled out {n_out}" if n_out else ""))
     kept = groups.get(("kept", "interactions", None))
     counts.update({key: int(kept[key] or 0) if kept else 0
                    for key in ("users", "interacted_items", *[f"split_{s}" for s in schemas.SPLITS])})

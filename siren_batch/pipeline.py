@@ -37,7 +37,8 @@ def ingest(spark: SparkSession, cfg: Config) -> dict:
         items = write_table(result.items, cfg, "items", schemas.ITEMS)
         # The run record is about interactions, so that input = output + rejected holds
         # there too; the rejects table also holds the item rejects (counts: rejected_items).
-        rec.input_rows = counts["input_interactions"]
+        # A dry run's sampled-out rows (data.sample_users) are in the summary and the log.
+        rec.input_rows = counts["input_interactions"] - counts["sampled_out_interactions"]
         rec.rejected_rows = counts["rejected_interactions"]
         summary = {**counts, "items_written": items}
         logger.info("ingest counts: %s", summary)

@@ -173,6 +173,15 @@ def mark_items(raw: DataFrame) -> DataFrame:
     return df.select(*KEPT_COLUMNS["items"], "record", "reason")
 
 
+SAMPLE_BUCKETS = 1_000_000
+
+
+def in_user_sample(fraction: float) -> Column:
+    """True for the users a `fraction` sample keeps: a hash of user_id, so the same users
+    are kept by every run, stage and machine (and a larger fraction keeps a superset)."""
+    return F.pmod(F.xxhash64(F.col("user_id")), F.lit(SAMPLE_BUCKETS)) < F.lit(int(round(fraction * SAMPLE_BUCKETS)))
+
+
 def kcore_filter(df: DataFrame, k: int) -> tuple[DataFrame, DataFrame]:
     """Keep rows whose user and item both have >= k rows, iterating until stable.
 

@@ -165,4 +165,5 @@ def ml100k_scored(spark, ml100k, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def movies(spark, tmp_path_factory, shared_movies):
-    return _chain(spark, tmp_path_factory, "dataset=siren-movies", f"data.path={shared_movies}")
+    return _chain(spark, tmp_path_factory, "dataset=siren-movies", f"data.path={shared_movies}",
+                  "data.sample_users=0.05")

@@ -25,7 +25,7 @@ def collect(df):
 
 
 def reconciled(counts):
-    return all(counts[f"input_{s}"] == counts[f"kept_{s}"] + counts[f"rejected_{s}"]
+    return all(counts[f"input_{s}"] == counts[f"kept_{s}"] + counts[f"rejected_{s}"] + counts[f"sampled_out_{s}"]
                for s in ("interactions", "items"))
 
 
@@ -66,6 +66,35 @@ def test_movielens100k_full(spark, tmp_path):
     toy = collect(result.items.where("item_id = '1'")).iloc[0]
     assert (toy.title, toy.genres) == ("Toy Story (1995)", "Animation|Children's|Comedy")
     assert toy.text == "Toy Story (1995). Genres: Animation, Children's, Comedy"
+
+
+def test_a_user_sample_keeps_what_a_full_run_keeps_for_its_users(spark, tmp_path):
+    """data.sample_users: a hashed fifth of the users, each with exactly the rows and split a full
+    run gives it (the k-core runs on every user first), the items they rated, and every row
+    left out counted (input = kept + rejected + sampled out)."""
+    from siren_batch.validate import in_user_sample
+
+    folder = assets.movielens_dir("ml-100k")
+    raw = pd.read_csv(folder / "ml-100k.inter", sep="\t", dtype=str, quoting=3)
+    raw.columns = ["user_id", "item_id", "rating", "ts"]
+    core = python_kcore(raw, 5)
+    result = ingest(spark, conf(tmp_path, "dataset=ml-100k", "data.sample_users=0.2"))
+    c, got, items = result.counts, collect(result.interactions), collect(result.items)
+    users = set(got.user_id)
+    assert 0.15 < len(users) / core.user_id.nunique() < 0.25 and c["users"] == len(users)
+    mine = core[core.user_id.isin(users)]
+    assert sorted(zip(got.user_id, got.item_id)) == sorted(zip(mine.user_id, mine.item_id))
+    assert c["sampled_out_interactions"] == len(core) - len(got) and c["rejected_interactions_kcore"] == len(raw) - len(core)
+    assert set(items.item_id) == set(got.item_id) and c["sampled_out_items"] == c["input_items"] - len(items)
+    assert reconciled(c)
+    assert (got.groupby("user_id").split.value_counts().unstack(fill_value=0)[["valid", "test"]] == 1).all().all()
+    # the same users on every run, and a larger share keeps a superset
+    ids = spark.createDataFrame([(u,) for u in core.user_id.unique()], "user_id string")
+    fifth = {r.user_id for r in ids.where(in_user_sample(0.2)).collect()}
+    assert fifth == users and fifth < {r.user_id for r in ids.where(in_user_sample(0.3)).collect()}
+    result.unpersist()
+    with pytest.raises(ValueError, match="data.sample_users must be within"):
+        conf(tmp_path, "data.sample_users=0")
 
 
 def test_movielens1m_first_rows(spark, tmp_path):

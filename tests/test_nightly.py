@@ -181,6 +181,9 @@ def test_rerunning_a_night_changes_nothing(spark, nights):
     assert all(again[s].get("resumed") == "already done" for s in ("ingest", "sketches", "score"))
     redone = nightly.run_night(spark, nights["cfg"], NIGHT2, redo=True)
     assert "resumed" not in redone["sketches"] and redone["embed"]["embedded"] == 2
+    sampled = dataclasses.replace(nights["cfg"], data=dataclasses.replace(nights["cfg"].data, sample_users=0.5))
+    with pytest.raises(Exception, match=r"data.sample_users=0.5 is for dry runs .* a night keeps every user"):
+        nightly.run_night(spark, sampled, NIGHT2, redo=True)   # refused before it touches anything
     for table in TABLES:
         _same(before[table], _read(nights["wh"], table), table)
     with pytest.raises(Exception, match="date order"):

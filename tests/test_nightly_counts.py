@@ -43,6 +43,17 @@ def test_ingest_counts_equal_the_counts_one_by_one(spark, with_items):
     assert (counts["split_train"], counts["split_valid"], counts["split_test"]) == (2, 0, 1)
 
 
+def test_ingest_counts_reconcile_the_rows_a_user_sample_leaves_out(spark):
+    raw, raw_items, kept, items, rejects = _frames(spark, True)
+    out = (kept.where(F.col("user_id") == "u2"), items.limit(1))
+    counts = data.ingest_counts(raw, raw_items, kept.where(F.col("user_id") != "u2"), items.subtract(out[1]),
+                                rejects, out)
+    assert (counts["sampled_out_interactions"], counts["sampled_out_items"]) == (out[0].count(), 1)
+    assert counts["kept_interactions"] + counts["sampled_out_interactions"] == kept.count() and counts["users"] == 1
+    with pytest.raises(RuntimeError, match=r"input 5 != kept 1 \+ rejected 2 \+ sampled out 1"):
+        data.ingest_counts(raw, raw_items, kept.limit(1), items, rejects, (out[0], items.limit(0)))
+
+
 def test_ingest_counts_catch_lost_rows(spark):
     raw, raw_items, kept, items, rejects = _frames(spark, True)
     with pytest.raises(RuntimeError, match="interactions: input 5 != kept 2"):

@@ -31,9 +31,11 @@ def _tables(spark, cfg):
 def _check_chain(spark, cfg, summaries):
     t = _tables(spark, cfg)
     inter, ex, prompts, runs = t["interactions"], t["example_sketches"], t["prompts"], t["runs"]
-    # Counts reconcile: input = kept + rejected, in the summary and in the runs table.
+    # Counts reconcile: input = kept + rejected (+ sampled out, in a dry run on a user sample) in
+    # the summary, and input = output + rejected in the runs table.
     ing = summaries["ingest"]
-    assert ing["input_interactions"] == ing["kept_interactions"] + ing["rejected_interactions"]
+    assert ing["input_interactions"] == (ing["kept_interactions"] + ing["rejected_interactions"]
+                                         + ing["sampled_out_interactions"])
     assert len(inter) == ing["kept_interactions"]
     run = runs[runs.stage == "ingest"].iloc[-1]
     assert run.input_rows == run.output_rows + run.rejected_rows
@@ -83,10 +85,15 @@ def test_ml100k_chain(spark, ml100k):
 
 
 def test_siren_movies_chain_keeps_the_release_split(spark, movies):
+    """A dry run on a 5% user sample (data.sample_users): the chain embeds only the items
+    those users rated (1,433 of 10,874: embedding is the chain's main cost here)."""
     cfg, summaries = movies
     t = _check_chain(spark, cfg, summaries)
     counts = t["interactions"].split.value_counts()
     assert counts["valid"] == counts["test"] == t["interactions"].user_id.nunique()
+    ing = summaries["ingest"]
+    assert ing["sampled_out_interactions"] > 0 and ing["sampled_out_items"] > ing["kept_items"]
+    assert summaries["embed"]["embeddings"] == ing["kept_items"] == ing["interacted_items"]
 
 
 def _mixed_real_prompts(spark, cfg) -> tuple[list[str], list[str]]:

@@ -84,6 +84,9 @@ def run_night(spark: SparkSession, cfg: Config, run_date: str, *, redo: bool = F
               after_step: Callable[[str], None] | None = None) -> dict:
     """Run (or resume) the night of run_date; returns {step: summary}."""
     check_run_date(run_date)
+    if cfg.data.sample_users < 1.0:
+        raise ConfigError(f"data.sample_users={cfg.data.sample_users:g} is for dry runs of the batch chain; "
+                          "a night keeps every user (set data.sample_users=1)")
     done_nights = completed_nights(spark, cfg)
     later = [d for d in done_nights if d > run_date]
     if later:

@@ -66,7 +66,8 @@ def ingest_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) 
     rec.input_rows = counts["input_interactions"]
     rec.output_rows = counts["kept_interactions"]
     rec.rejected_rows = counts["rejected_interactions"]
-    return {k: v for k, v in counts.items() if not (k.startswith("rejected_") and v == 0 and k.count("_") > 1)}
+    return {k: v for k, v in counts.items()
+            if not (v == 0 and (k.startswith("sampled_out_") or (k.startswith("rejected_") and k.count("_") > 1)))}
 
 
 def _ingest_arrivals(spark: SparkSession, cfg: Config, night: Night, night_cfg: Config, has_items: bool) -> dict:
