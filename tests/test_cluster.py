@@ -11,7 +11,6 @@ by their pids, also when the test fails.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
@@ -25,6 +24,7 @@ import pandas as pd
 import pytest
 
 from conftest import ML100K_SCORE
+from tables import assert_same_frame, read_frame
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
@@ -34,8 +34,6 @@ MASTER = f"spark://127.0.0.1:{MASTER_PORT}"
 # What the cluster scores and evaluates: what the session's local reference (conftest.ml100k_scored)
 # does, with its first two baselines.
 SCORE = [*ML100K_SCORE, "evaluate.baselines=[global_mean,bias]"]
-# Columns that name a run, not its result.
-RUN_COLUMNS = {"run_id", "eval_id", "started_at", "duration_s"}
 TABLES = ["interactions", "items", "rejects", "item_embeddings", "topics", "item_topics", "sketches",
           "example_sketches", "item_priors", "prompts", "ratings", "metrics"]
 
@@ -134,30 +132,6 @@ def _submit(cluster: dict, job: str, warehouse: Path, *overrides: str, timeout: 
     return run
 
 
-def _same(a, b, atol: float) -> bool:
-    """Nested values equal, floats within atol (NaN equals NaN)."""
-    if hasattr(a, "tolist"):
-        a = a.tolist()
-    if hasattr(b, "tolist"):
-        b = b.tolist()
-    if isinstance(a, float) or isinstance(b, float):
-        if a is None or b is None:
-            return a is None and b is None
-        return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= atol
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y, atol) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k], atol) for k in a)
-    return a == b
-
-
-def _frame(folder: Path) -> pd.DataFrame:
-    df = pd.read_parquet(folder).drop(columns=[c for c in RUN_COLUMNS], errors="ignore")
-    df = df.astype({c: str for c in df.columns if isinstance(df[c].dtype, pd.CategoricalDtype)})
-    keys = [c for c in df.columns if df[c].dtype == object and df[c].map(lambda v: isinstance(v, str)).all()]
-    return df.sort_values(keys or list(df.columns[:1])).reset_index(drop=True)
-
-
 def test_demo_chain_on_a_standalone_cluster_equals_local_mode(ml100k_scored, cluster, tmp_path):
     # The sketch variant and the test split's examples only (the session's local chain holds
     # raw prompts and every split's; compared below on the same rows): the train split's
@@ -176,7 +150,7 @@ def test_demo_chain_on_a_standalone_cluster_equals_local_mode(ml100k_scored, clu
         if not (local / table).exists():
             continue
         assert (remote / table).exists(), f"the cluster run did not write {table}"
-        mine, theirs = _frame(remote / table), _frame(local / table)
+        mine, theirs = read_frame(remote / table), read_frame(local / table)
         if table == "prompts":
             theirs = theirs[theirs.variant == "sketch"]
         if table in ("example_sketches", "prompts"):
@@ -184,12 +158,7 @@ def test_demo_chain_on_a_standalone_cluster_equals_local_mode(ml100k_scored, clu
             assert len(theirs) > 900, table   # ml-100k: one test row per user
         if table == "metrics":               # the reference also evaluated two more baselines
             theirs = theirs[theirs.system.isin(set(mine.system))].reset_index(drop=True)
-        assert list(mine.columns) == list(theirs.columns), table
-        assert len(mine) == len(theirs), f"{table}: {len(mine)} rows on the cluster, {len(theirs)} locally"
-        for column in mine.columns:
-            bad = [k for k, (x, y) in enumerate(zip(mine[column], theirs[column])) if not _same(x, y, 1e-6)]
-            assert not bad, f"{table}.{column} differs in {len(bad)} rows, e.g. {mine[column][bad[0]]!r} vs " \
-                            f"{theirs[column][bad[0]]!r}"
+        assert_same_frame(mine, theirs, f"{table} (cluster against local)")
         compared.append(table)
     assert {"item_embeddings", "item_topics", "example_sketches", "prompts", "ratings", "metrics"} <= set(compared)
     scored = pd.read_parquet(remote / "ratings")

@@ -23,20 +23,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from siren_batch import cli, pipeline
 from siren_batch.config import load_config
+from tables import assert_same_frame, read_frame
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET = "killed"
 STAGES = pipeline.FULL_CHAIN
-# Columns that name a run, not its result.
-RUN_COLUMNS = {"run_id", "eval_id", "started_at", "duration_s"}
 # Keys no table may repeat (the tables not named here have none).
 KEYS = {"interactions": ["user_id", "item_id"], "items": ["item_id"], "item_embeddings": ["item_id"],
         "topics": ["topic_id"], "item_topics": ["item_id"], "example_sketches": ["user_id", "item_id"],
@@ -111,38 +108,14 @@ def _visible(folder: Path) -> set[str]:
     return found
 
 
-def _frame(folder: Path) -> pd.DataFrame:
-    df = pd.read_parquet(folder).drop(columns=list(RUN_COLUMNS), errors="ignore")
-    df = df.astype({c: str for c in df.columns if isinstance(df[c].dtype, pd.CategoricalDtype)})
-    keys = [c for c in df.columns if df[c].dtype.kind in "iub" or (df[c].dtype == object and
-                                                                  df[c].map(lambda v: isinstance(v, str)).all())]
-    return df.sort_values(keys).reset_index(drop=True)
-
-
-def _same(a, b) -> bool:
-    """Nested values equal, floats within 1e-6 (a null equals only a null, NaN only NaN)."""
-    if a is None or b is None:
-        return a is None and b is None
-    if isinstance(a, (list, tuple, np.ndarray)) and isinstance(b, (list, tuple, np.ndarray)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, float):
-        return (np.isnan(a) and np.isnan(b)) or abs(a - b) <= 1e-6
-    return a == b
-
-
 def _assert_same_tables(got: Path, want: Path) -> None:
     assert _visible(got) == _visible(want), "the tables and partitions a reader sees differ"
     tables = sorted({p.split("/")[0] for p in _visible(want)})
     for table in tables:
-        mine, theirs = _frame(got / table), _frame(want / table)
-        assert list(mine.columns) == list(theirs.columns), table
-        assert len(mine) == len(theirs), f"{table}: {len(mine)} rows, uninterrupted {len(theirs)}"
+        mine, theirs = read_frame(got / table), read_frame(want / table)
         if table in KEYS:
             assert not mine.duplicated(KEYS[table]).any(), f"{table} holds duplicate keys"
-        for col in mine.columns:
-            bad = [k for k, (x, y) in enumerate(zip(mine[col], theirs[col])) if not _same(x, y)]
-            assert not bad, (f"{table}.{col} differs in {len(bad)} rows, e.g. {mine[col][bad[0]]!r} vs "
-                             f"{theirs[col][bad[0]]!r}")
+        assert_same_frame(mine, theirs, f"{table} (rerun against uninterrupted)")
     # reports/: <eval_id>.md and latest.md, once per finished evaluate
     assert len(list(got.glob("reports/*"))) == len(list(want.glob("reports/*")))
 
@@ -225,6 +198,6 @@ def test_a_replace_killed_between_its_two_moves_leaves_nothing_a_reader_sees(spa
     assert _visible(table.parent) == ({"ratings", "ratings/run_date=d1"} if partitioned else set())
 
     warehouse.write_table(again, cfg, "ratings", schema, partition_by=by)   # the stage run again
-    got = _frame(table)
+    got = read_frame(table)
     want = [("u1", 1.0, "d1"), ("u3", 3.0, "d2")] if partitioned else [("u3", 3.0, "d2")]
     assert [tuple(r) for r in got[["user_id", "rating", "run_date"]].itertuples(index=False)] == want

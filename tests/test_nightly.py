@@ -25,13 +25,12 @@ import pytest
 
 from siren_batch import arrivals, cli, lock, nightly
 from siren_batch.config import load_config
+from tables import assert_same_frame, read_frame
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 NIGHT1, NIGHT2 = "1998-04-06", "1998-04-07"
-# Changed tables are compared across runs; these name a run, not its result.
-RUN_COLUMNS = {"run_id", "eval_id", "started_at", "duration_s"}
 TABLES = ["interactions", "items", "item_embeddings", "topics", "item_topics", "sketches", "ratings",
           "metrics", "arrived_interactions", "arrived_items", "night_rejects"]
 
@@ -44,24 +43,7 @@ def _overrides(warehouse: Path, arrivals: Path, candidates: Path) -> list[str]:
 
 
 def _read(warehouse: Path, table: str) -> pd.DataFrame:
-    df = pd.read_parquet(warehouse / "ml-100k" / table)
-    df = df.drop(columns=[c for c in df.columns if c in RUN_COLUMNS])
-    for col in df.columns:
-        if isinstance(df[col].dtype, pd.CategoricalDtype):
-            df[col] = df[col].astype(str)
-    keys = [c for c in ("run_date", "user_id", "item_id", "topic_id", "system", "segment", "metric", "source",
-                        "reason", "record") if c in df.columns]
-    return df.sort_values(keys).reset_index(drop=True)
-
-
-def _same(a: pd.DataFrame, b: pd.DataFrame, what: str) -> None:
-    assert list(a.columns) == list(b.columns) and len(a) == len(b), what
-    for col in a.columns:
-        x, y = a[col], b[col]
-        if x.dtype.kind == "f":
-            assert np.allclose(x.fillna(-9), y.fillna(-9), atol=1e-5), f"{what}.{col}"
-        else:
-            assert x.astype(str).tolist() == y.astype(str).tolist(), f"{what}.{col}"
+    return read_frame(warehouse / "ml-100k" / table)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +167,7 @@ def test_rerunning_a_night_changes_nothing(spark, nights):
     with pytest.raises(Exception, match=r"data.sample_users=0.5 is for dry runs .* a night keeps every user"):
         nightly.run_night(spark, sampled, NIGHT2, redo=True)   # refused before it touches anything
     for table in TABLES:
-        _same(before[table], _read(nights["wh"], table), table)
+        assert_same_frame(before[table], _read(nights["wh"], table), table, atol=1e-5)
     with pytest.raises(Exception, match="date order"):
         nightly.run_night(spark, nights["cfg"], NIGHT1)
 
@@ -211,7 +193,7 @@ def test_a_killed_night_resumes_with_the_same_tables(spark, nights, capsys):
     assert "no longer running" in capsys.readouterr().err
     assert cli.main([*args, "--break-lock"]) == 0
     for table in TABLES:
-        _same(_read(nights["wh"], table), _read(wh, table), table)
+        assert_same_frame(_read(nights["wh"], table), _read(wh, table), table, atol=1e-5)
 
 
 def test_a_second_concurrent_run_is_refused_in_one_line(nights, tmp_path, capsys):
