@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import uuid
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -196,18 +197,32 @@ def test_siren_movies_malformed_lines(spark, tmp_path):
             "history_ratings": [4, 3, 5]}
     uneven = {"user_id": "u2", "history": "A, c1, 2\nB, c2, 3", "history_asins": ["A", "B", "C"],
               "history_ratings": [2, 3]}  # cannot be zipped: which rating or title goes with C?
-    write_gz(d / "history.jsonl.gz", [good, uneven])
+    # The public repository's first commits name two files *_balanced; gunzipped files read too.
+    write_gz(d / "history_balanced.jsonl.gz", [good, uneven])
     row = {"user_id": "u1", "parent_asin": "C", "timestamp": 3000, "label": 5.0, "target": "C, c1"}
     write_gz(d / "train.jsonl.gz", [row])
     write_gz(d / "valid.jsonl.gz", [{**row, "parent_asin": "D", "timestamp": 4000, "target": "D, c2"},
                                     '{"user_id": "u2", "parent_asin": "D"'])
-    write_gz(d / "test.jsonl.gz", [{**row, "parent_asin": "E", "timestamp": 5000, "target": "E, c2"}])
+    (d / "test.jsonl").write_text(json.dumps({**row, "parent_asin": "E", "timestamp": 5000, "target": "E, c2"}) + "\n")
     result = run(spark, tmp_path, "dataset=siren-movies", f"data.path={d}")
     assert [i for _, i, _, _ in kept(result)] == ["A", "B", "C", "D", "E"]
     assert rejects(result) == [
         ("interactions", "malformed_json: 3 history_asins, 2 history_ratings, 2 history lines", json.dumps(uneven)),
         ("interactions", NOT_ONE, '{"user_id": "u2", "parent_asin": "D"')]
     assert_reconciled(result, 7, 5)  # u1: 2 history-only + train + valid + test; u2: 1 + 1; items A-E
+
+
+def test_siren_release_files_by_name(spark, tmp_path):
+    from siren_batch.readers.siren_movies import release_file
+
+    d = folder(tmp_path)
+    for name in ("history.jsonl.gz", "history_balanced.jsonl.gz", "test_balanced.jsonl", "valid.jsonl"):
+        (d / name).write_text("")
+    assert [Path(release_file(spark, str(d), n)).name for n in ("history", "test", "valid")] == [
+        "history.jsonl.gz", "test_balanced.jsonl", "valid.jsonl"]
+    with pytest.raises(ConfigError, match=r"has no train.jsonl.gz / train.jsonl / train_balanced.jsonl.gz / "
+                                          r"train_balanced.jsonl; a SIREN release folder holds history, train"):
+        release_file(spark, str(d), "train")
 
 
 # ---- Parquet: a column of the wrong type is a file problem (one line) ----------------------

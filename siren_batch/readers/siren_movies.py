@@ -1,13 +1,15 @@
-"""The SIREN release: Amazon Movies & TV with its own train/valid/test split (JSONL.gz)."""
+"""The SIREN release (Amazon Movies & TV; any category in its format) with its own
+train/valid/test split (JSONL, plain or .gz)."""
 
 from __future__ import annotations
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F, types as T
 
-from siren_batch.config import Config
+from siren_batch.config import Config, ConfigError
 from siren_batch.readers.lines import read_jsonl
 from siren_batch.readers.raw import CORRUPT, DEFECT, item_text, need, raw_interactions, raw_items, strings
+from siren_batch.warehouse import path_exists
 
 _SIREN_HISTORY = T.StructType([
     T.StructField("user_id", T.StringType()), T.StructField("history", T.StringType()),
@@ -30,6 +32,18 @@ def _split_text(desc: Column) -> tuple[Column, Column]:
     return F.regexp_extract(desc, r"^(.*), (.*)$", 1), F.regexp_extract(desc, r"^(.*), (.*)$", 2)
 
 
+def release_file(spark: SparkSession, folder: str, name: str) -> str:
+    """The release's `name` file in `folder`: <name>.jsonl.gz, or as the public repository's
+    first commits called two of them (history_balanced, test_balanced), or gunzipped (.jsonl);
+    else a ConfigError naming what was looked for."""
+    tried = [f"{stem}{ext}" for stem in (name, f"{name}_balanced") for ext in (".jsonl.gz", ".jsonl")]
+    for file in tried:
+        if path_exists(spark, f"{folder}/{file}"):
+            return f"{folder}/{file}"
+    raise ConfigError(f"data.path: {folder} has no {' / '.join(tried)}; a SIREN release folder holds "
+                      "history, train, valid and test .jsonl.gz")
+
+
 def read_siren_movies(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, str]:
     """Interactions = each user's history plus its valid and test rows; item id = parent_asin.
 
@@ -41,10 +55,10 @@ def read_siren_movies(spark: SparkSession, cfg: Config) -> tuple[DataFrame, Data
     (item, text) variant is one raw item row, so differing texts become duplicates.
     """
     folder = need(spark, cfg.data.path, "data.path")
-    hist = read_jsonl(spark, f"{folder}/history.jsonl.gz", _SIREN_HISTORY, ("user_id",), _history_lengths)
+    hist = read_jsonl(spark, release_file(spark, folder, "history"), _SIREN_HISTORY, ("user_id",), _history_lengths)
     rows = None
     for split in ("train", "valid", "test"):
-        part = (read_jsonl(spark, f"{folder}/{split}.jsonl.gz", _SIREN_ROW, ("user_id", "parent_asin"))
+        part = (read_jsonl(spark, release_file(spark, folder, split), _SIREN_ROW, ("user_id", "parent_asin"))
                 .withColumn("split", F.lit(split)))
         rows = part if rows is None else rows.unionByName(part)
     per_user = rows.groupBy("user_id").agg(
