@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from siren_batch import schemas
-from siren_batch.config import EmbedConfig, TopicsConfig
+from siren_batch.config import TopicsConfig
 from siren_batch.topics import assign_topics, build_topics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,28 +112,16 @@ def test_build_topics_rejects_empty_embeddings(spark):
         build_topics(spark.createDataFrame([], schemas.ITEM_EMBEDDINGS), _items(spark, []), TopicsConfig(k=3))
 
 
-def _ml100k_items() -> pd.DataFrame:
-    from siren_batch.assets import movielens_dir
-
-    raw = pd.read_csv(movielens_dir("ml-100k") / "ml-100k.item", sep="\t")
-    raw.columns = ["item_id", "title", "year", "genres"]
-    raw = raw.assign(item_id=raw["item_id"].astype(str), title=raw["title"].astype(str),
-                     genres=raw["genres"].fillna("").str.split().str.join("|"))
-    raw["text"] = "Title: " + raw["title"] + ". Category: " + raw["genres"].str.replace("|", ", ") + "."
-    return raw[["item_id", "title", "genres", "text"]]
-
-
 @pytest.mark.integration
-def test_ml100k_embed_and_topics(spark):
-    from siren_batch.embed import embed_items
-
-    items = spark.createDataFrame(_ml100k_items(), schemas.ITEMS)
-    emb = embed_items(items, EmbedConfig(device="cpu")).cache()  # build_topics scans it several times
-    assert emb.count() == 1682
-    topics, item_topics = build_topics(emb, items, TopicsConfig(k=20, seed=42, max_iter=20))
-    t, it = topics.toPandas(), item_topics.toPandas()
-    emb.unpersist()
-    assert len(it) == 1682 and it["item_id"].is_unique
+def test_ml100k_embed_and_topics(ml100k):
+    """The session's ml-100k chain (tests/conftest.py): every item embedded (all-MiniLM-L6-v2,
+    384 dims) and in exactly one of 15-20 named topics (k=20; an empty cluster is dropped)."""
+    cfg, _ = ml100k
+    tables = Path(cfg.warehouse) / cfg.dataset
+    emb, t, it = (pd.read_parquet(tables / name) for name in ("item_embeddings", "topics", "item_topics"))
+    assert len(emb) == 1682 and emb["item_id"].is_unique and emb["embedding"].map(len).eq(384).all()
+    assert cfg.topics.k == 20
+    assert len(it) == 1682 and it["item_id"].is_unique and set(it["item_id"]) == set(emb["item_id"])
     assert sorted(t["topic_id"]) == list(range(len(t))) and 15 <= len(t) <= 20
     assert t["size"].sum() == 1682 and set(it["topic_id"]) == set(t["topic_id"])
     assert t["name"].is_unique and t["name"].str.strip().str.len().gt(0).all()
