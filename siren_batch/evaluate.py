@@ -110,13 +110,21 @@ def nll_metric(ratings: DataFrame, interactions: DataFrame, split: str, probs: s
                system: str, eval_id: str) -> DataFrame:
     """One METRICS row: mean -log p(true rating) over the split's pairs that have a
     distribution in column `probs` (probabilities below LOG_FLOOR count as LOG_FLOOR);
-    n = those pairs. Labels off the 1..5 grid are rounded to the nearest point."""
+    n = those pairs. A label between two points of the 1..5 grid (half stars) is read as
+    its two-hot distribution, as training and calibration read it: with w = label - low,
+    -(1 - w) log p(low) - w log p(low + 1)."""
     truth = interactions.filter(F.col("split") == split).select(*KEY, F.col("rating").alias("label"))
-    index = F.least(F.greatest(F.round("label").cast("int"), F.lit(int(RATING_MIN))), F.lit(int(RATING_MAX)))
-    p_true = F.greatest(F.element_at(probs, index - int(RATING_MIN) + 1), F.lit(LOG_FLOOR))
+    label = F.least(F.greatest(F.col("label"), F.lit(RATING_MIN)), F.lit(RATING_MAX))
+    low = F.least(F.floor(label).cast("int"), F.lit(int(RATING_MAX) - 1))
+    upper = label - low
+
+    def log_p(point: Column) -> Column:
+        return F.log(F.greatest(F.element_at(probs, point - int(RATING_MIN) + 1), F.lit(LOG_FLOOR)))
+
+    loss = -((1 - upper) * log_p(low) + upper * log_p(low + 1))
     row = (ratings.where(F.col(probs).isNotNull() & F.col("error").isNull())
            .join(truth, on=KEY, how="inner")
-           .agg(F.avg(-F.log(p_true)).alias("value"), F.count(F.lit(1)).alias("n")).first())
+           .agg(F.avg(loss).alias("value"), F.count(F.lit(1)).alias("n")).first())
     return ratings.sparkSession.createDataFrame(
         [(eval_id, split, system, "all", "nll", row["value"], int(row["n"]))], schemas.METRICS)
 

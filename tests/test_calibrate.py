@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pandas as pd
@@ -70,9 +71,18 @@ def test_bad_inputs_fail_with_a_reason():
         feature_matrix(_frame(5), ["llm", "probe"])
     with pytest.raises(ValueError, match="at least 50 labelled rows"):
         fit_calibrator(_frame(20), ["llm"], folds=5)
-    half = _frame(100).assign(label=lambda f: f["label"] - 0.5)
-    with pytest.raises(ValueError, match="not all points of the scale"):
-        fit_calibrator(half, ["llm"], folds=2)
+    off = _frame(100).assign(label=lambda f: f["label"] - 0.5)   # a 1 becomes 0.5
+    with pytest.raises(ValueError, match=r"calibration labels \[0.5\] lie off the scale 1-5"):
+        fit_calibrator(off, ["llm"], folds=2)
+
+
+def test_a_half_star_label_counts_half_for_each_neighbour():
+    """Labels between scale points (half stars; another scale mapped onto 1-5) are fit as their
+    two-hot distributions: with nothing to learn, every 3.5 gives p(3) = p(4) = 0.5."""
+    cal = fit_calibrator(_frame(200).assign(label=3.5), ["llm"], folds=2, cs=(0.01,))
+    probs, rating, _ = cal.predict(_frame(20, seed=2))
+    assert cal.classes == [3.0, 4.0] and np.allclose(probs[:, 2:4], 0.5, atol=0.05) and np.allclose(rating, 3.5)
+    assert cal.meta["out_of_fold"]["nll"] == pytest.approx(math.log(2), abs=0.01)   # the two-hot cross-entropy
 
 
 # ---- the Spark edge ---------------------------------------------------------------------

@@ -185,3 +185,12 @@ def test_readouts_are_systems_and_nll_matches_hand_values(spark, inter):
         {"i4": 5.0, "i6": 3.0, "i5": 1.0, "i1": None}
     floor = nll_metric(cal, inter, "test", "calibrated_probs", "llm:m+calibrated", "e1").first()
     assert floor.value == pytest.approx(-(math.log(0.5) + math.log(1e-6) + math.log(0.6)) / 3)  # floored at 1e-6
+
+
+def test_nll_reads_a_half_star_label_as_its_two_hot_distribution(spark):
+    """3.5 counts half for 3 and half for 4 (as training and calibration read it); 5 is 5."""
+    truth = spark.createDataFrame([("u1", "i1", 3.5, 1, "test"), ("u2", "i2", 5.0, 1, "test")], schemas.INTERACTIONS)
+    probs = [[0.1, 0.1, 0.2, 0.4, 0.2]] * 2
+    nll = nll_metric(ratings_frame(spark, [("u1", "i1", 3.6, None), ("u2", "i2", 3.6, None)], probs), truth,
+                     "test", "probs", "llm:m", "e1").first()
+    assert nll.n == 2 and nll.value == pytest.approx((-(0.5 * math.log(0.2) + 0.5 * math.log(0.4)) - math.log(0.2)) / 2)

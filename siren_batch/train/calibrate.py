@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from siren_batch.backends import SCALE, readout_median
+from siren_batch.train.objective import two_hot
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +132,22 @@ def _point():
     return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))  # alpha by efficient LOO
 
 
+def _fit_distribution(c: float, seed: int, x: np.ndarray, labels: np.ndarray):
+    """The logistic regression fit on each label's two-hot distribution (objective.two_hot):
+    a row per scale point with weight, so a label between two points (half stars, a scale
+    mapped onto 1-5) keeps its mean; an integer label is one row of weight 1, as before."""
+    soft = two_hot(labels)
+    rows, points = np.nonzero(soft > 1e-12)
+    return _distribution(c, seed).fit(x[rows], VALUES[points], logisticregression__sample_weight=soft[rows, points])
+
+
 def _out_of_fold(x: np.ndarray, labels: np.ndarray, c: float, folds: int, seed: int) -> list[np.ndarray]:
     """(probs, point, median) for every row from models fit on the other folds."""
     from sklearn.model_selection import KFold
 
     oof = [np.zeros((len(x), len(VALUES))), np.zeros(len(x)), np.zeros(len(x))]
     for train, held in KFold(folds, shuffle=True, random_state=seed).split(x):
-        d = _distribution(c, seed).fit(x[train], labels[train])
+        d = _fit_distribution(c, seed, x[train], labels[train])
         p = _point().fit(x[train], labels[train])
         for out, part in zip(oof, _predict(d, p, d.classes_.tolist(), x[held])):
             out[held] = part
@@ -157,12 +167,13 @@ def fit_calibrator(frame: Any, groups: Sequence[str], folds: int = 5, seed: int 
     x, names = feature_matrix(frame, groups)
     if len(x) < 10 * folds:
         raise ValueError(f"calibration needs at least {10 * folds} labelled rows, got {len(x)}")
-    classes = sorted(set(labels.tolist()))
-    if not set(classes) <= set(VALUES.tolist()):
-        raise ValueError(f"calibration labels {classes} are not all points of the scale {VALUES.tolist()}")
+    outside = labels[(labels < VALUES[0]) | (labels > VALUES[-1]) | np.isnan(labels)]
+    if len(outside):
+        raise ValueError(f"calibration labels {sorted(set(outside.tolist()))[:5]} lie off the scale "
+                         f"{VALUES[0]:g}-{VALUES[-1]:g}")
     trials = {c: _out_of_fold(x, labels, c, folds, seed) for c in cs}
     best = min(trials, key=lambda c: _metrics(labels, *trials[c])["nll"])
-    distribution, point = _distribution(best, seed).fit(x, labels), _point().fit(x, labels)
+    distribution, point = _fit_distribution(best, seed, x, labels), _point().fit(x, labels)
     meta = {"groups": list(groups), "features": names, "rows": len(x), "folds": folds, "C": best,
             "ridge_alpha": float(point[-1].alpha_), "out_of_fold": _metrics(labels, *trials[best])}
     if "probs" in frame:
@@ -180,9 +191,9 @@ def fit_calibrator(frame: Any, groups: Sequence[str], folds: int = 5, seed: int 
 
 
 def _metrics(labels: np.ndarray, probs: np.ndarray, rating: np.ndarray, median: np.ndarray) -> dict[str, float]:
-    """MAE/RMSE of the point and median readouts and the NLL of the distribution."""
-    index = np.argmin(np.abs(labels[:, None] - VALUES[None, :]), axis=1)
-    p_true = np.clip(probs[np.arange(len(labels)), index], LOG_FLOOR, 1.0)
+    """MAE/RMSE of the point and median readouts and the NLL of the distribution (of the
+    label's two-hot distribution: for an integer label, -log p(label))."""
+    nll = -(two_hot(labels) * np.log(np.clip(probs, LOG_FLOOR, 1.0))).sum(-1)
     return {"mae": float(np.mean(np.abs(rating - labels))), "rmse": float(np.sqrt(np.mean((rating - labels) ** 2))),
             "median_mae": float(np.mean(np.abs(median - labels))),
-            "median_rmse": float(np.sqrt(np.mean((median - labels) ** 2))), "nll": float(-np.mean(np.log(p_true)))}
+            "median_rmse": float(np.sqrt(np.mean((median - labels) ** 2))), "nll": float(np.mean(nll))}
