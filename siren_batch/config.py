@@ -61,8 +61,10 @@ class DataConfig:
     format: str = "parquet"           # table source: parquet | csv
     columns: dict[str, str] = field(default_factory=dict)       # canonical -> source column
     item_columns: dict[str, str] = field(default_factory=dict)  # canonical -> source column
-    rating_min: float = 1.0
-    rating_max: float = 5.0
+    scale_min: float = 1.0            # the source's rating scale (0.5-5 half stars, 1-10, ...), mapped linearly
+    scale_max: float = 5.0            #   onto the model's 1-5 at ingest: every table holds 1-5 ratings
+    rating_min: float | None = None   # accepted ratings, in the source's units; None = the scale's ends
+    rating_max: float | None = None
     max_reject_fraction: float = 0.05  # fail the ingest when more rows than this are rejected
     kcore: int = 5                    # keep users and items with >= kcore interactions; 0 = off
     split: str = "leave_last_out"     # leave_last_out | source (the source brings its own)
@@ -74,13 +76,16 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.source in self.SOURCES,
                  f"data.source={self.source!r} is not one of {', '.join(self.SOURCES)}")
+        _require(self.scale_min < self.scale_max, "data.scale_min must be < data.scale_max")
+        self.rating_min = self.scale_min if self.rating_min is None else self.rating_min
+        self.rating_max = self.scale_max if self.rating_max is None else self.rating_max
         _require(self.rating_min < self.rating_max, "data.rating_min must be < data.rating_max")
         # The model answers with the tokens 1-5, and the baselines, readouts and metrics share
-        # that scale; other scales are mapped onto it before ingest (left for later).
-        _require(1.0 <= self.rating_min and self.rating_max <= 5.0,
-                 f"data.rating_min/rating_max = {self.rating_min:g}/{self.rating_max:g}: ratings must lie on the "
-                 "1-5 scale (the model answers 1-5; baselines, readouts and metrics use it); map another scale "
-                 "onto 1-5 before ingest")
+        # that scale: ingest maps the source's scale onto it (validate.to_model_scale).
+        _require(self.scale_min <= self.rating_min and self.rating_max <= self.scale_max,
+                 f"data.rating_min/rating_max = {self.rating_min:g}/{self.rating_max:g} lie outside the scale "
+                 f"{self.scale_min:g}-{self.scale_max:g}: set data.scale_min/scale_max to the source's scale "
+                 "(e.g. 0.5/5 for half stars, 1/10), which ingest maps onto the model's 1-5")
         _require(0.0 <= self.max_reject_fraction <= 1.0,
                  "data.max_reject_fraction must be within [0, 1]")
         _require(self.kcore >= 0, "data.kcore must be >= 0 (0 turns k-core filtering off)")

@@ -94,8 +94,22 @@ def parse_ts(col: str, ts_unit: str) -> Column:
     return F.when(~F.isnan(number), number)
 
 
+MODEL_SCALE = (1.0, 5.0)  # the points the model answers with (backends.SCALE); every table's ratings
+
+
+def to_model_scale(rating: Column, scale: tuple[float, float]) -> Column:
+    """A rating on the source's `scale` (low, high) mapped linearly onto MODEL_SCALE: 1-10 data's
+    10 is 5, its 1 is 1; half stars 0.5-5 give 0.5 -> 1 and 3 -> 3.22. The identity on 1-5."""
+    (low, high), (lo, hi) = scale, MODEL_SCALE
+    if (low, high) == (lo, hi):
+        return rating
+    mapped = F.lit(lo) + (rating - F.lit(low)) * F.lit(hi - lo) / F.lit(high - low)
+    return F.least(F.greatest(mapped, F.lit(lo)), F.lit(hi))   # never off 1-5 by a rounding error
+
+
 def validate_interactions(raw: DataFrame, items: DataFrame, *, rating_min: float, rating_max: float,
-                          ts_unit: str = "ms", source_split: bool = False) -> tuple[DataFrame, DataFrame]:
+                          ts_unit: str = "ms", source_split: bool = False,
+                          scale: tuple[float, float] = MODEL_SCALE) -> tuple[DataFrame, DataFrame]:
     """Check RAW_INTERACTIONS rows against each other and the valid `items`.
 
     Returns (kept, rejects). kept has the INTERACTIONS columns (split = the source's
@@ -104,11 +118,12 @@ def validate_interactions(raw: DataFrame, items: DataFrame, *, rating_min: float
     item_id the latest by ts is kept (ties: higher rating, then the raw record text).
     """
     return split_marked(mark_interactions(raw, items, rating_min=rating_min, rating_max=rating_max,
-                                          ts_unit=ts_unit, source_split=source_split), "interactions")
+                                          ts_unit=ts_unit, source_split=source_split, scale=scale), "interactions")
 
 
 def mark_interactions(raw: DataFrame, items: DataFrame, *, rating_min: float, rating_max: float,
-                      ts_unit: str = "ms", source_split: bool = False) -> DataFrame:
+                      ts_unit: str = "ms", source_split: bool = False,
+                      scale: tuple[float, float] = MODEL_SCALE) -> DataFrame:
     """validate_interactions before the split: every raw row once, with the kept
     columns and `reason` (null when kept). Only items.item_id is read. Materialise it
     (localCheckpoint) when both halves are used, so the checks run once."""
@@ -127,7 +142,7 @@ def mark_interactions(raw: DataFrame, items: DataFrame, *, rating_min: float, ra
           .withColumn("reason", _first_reason(checks))
           .withColumn("user_id", F.trim("user_id"))
           .withColumn("item_id", F.trim("item_id"))
-          .withColumn("rating", F.when(F.col("reason").isNull(), rating))
+          .withColumn("rating", F.when(F.col("reason").isNull(), to_model_scale(rating, scale)))
           .withColumn("ts", F.when(F.col("reason").isNull(), ts.cast("long")))
           .withColumn("split", F.col("split") if source_split else F.lit(None).cast("string")))
     df = _mark_duplicates(df, ["user_id", "item_id"],

@@ -36,9 +36,13 @@ def test_bad_values_fail_with_fix():
     with pytest.raises(ConfigError, match="looks like|must look like"):
         parse_overrides(["topics.k"])
     for scale in (["data.rating_min=0.5"], ["data.rating_max=10"]):    # half stars from 0.5, a 1-10 scale
-        with pytest.raises(ConfigError, match="ratings must lie on the 1-5 scale"):
+        with pytest.raises(ConfigError, match="lie outside the scale 1-5: set data.scale_min/scale_max"):
             load_config(overrides=scale)
     assert load_config(overrides=["data.rating_min=2"]).data.rating_min == 2.0   # a narrower range is fine
+    ten = load_config(overrides=["data.scale_max=10"]).data                      # the accepted range follows
+    assert (ten.rating_min, ten.rating_max) == (1.0, 10.0)
+    with pytest.raises(ConfigError, match="data.scale_min must be < data.scale_max"):
+        load_config(overrides=["data.scale_min=5"])
 
 
 def test_conf_file_and_local_layers(tmp_path):

@@ -238,6 +238,17 @@ def test_table_source_with_column_mapping(spark, tmp_path, fmt):
     assert items.loc["1"].text == "Title: One. Category: x, y." and items.loc["2"].text == "Title: Two."
 
 
+def test_another_scale_is_mapped_onto_one_to_five(spark, tmp_path):
+    """data.scale_min/scale_max: a 1-10 source lands on the model's 1-5 scale, linearly; a rating
+    off the source's scale is a bad_rating reject, whatever it would map to."""
+    opts = write_tables(tmp_path, "parquet", [10.0, 7.0, 1.0, 11.0, 5.5])
+    result = ingest(spark, conf(tmp_path, *opts, "data.ts_unit=s", "data.scale_min=1", "data.scale_max=10",
+                                "data.max_reject_fraction=1"))
+    got = collect(result.interactions).set_index(["user_id", "item_id"]).rating.sort_index()
+    assert got.tolist() == pytest.approx([5.0, 1 + 6 * 4 / 9, 1.0, 3.0]) and got.between(1, 5).all()
+    assert result.counts["rejected_interactions_bad_rating"] == 1 and reconciled(result.counts)
+
+
 def test_table_source_rejects_exceeded(spark, tmp_path):
     opts = write_tables(tmp_path, "parquet", [4.0, 9.0, 3.0, float("nan"), 1.0])
     with pytest.raises(RejectsExceeded, match="2 of 5 rows rejected"):
