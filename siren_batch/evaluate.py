@@ -297,16 +297,24 @@ SEGMENT_FAMILIES = [("history", "By history length (the user's interactions befo
                     ("item", "By target item (seen in the train split or not)")]
 
 
-def markdown_report(metrics: Any, title: str, paper_rows: dict[str, dict[str, Any]] | None = None) -> str:
+def markdown_report(metrics: Any, title: str, paper_rows: dict[str, dict[str, Any]] | None = None,
+                    source_scale: tuple[float, float] = (RATING_MIN, RATING_MAX)) -> str:
     """Markdown text of a METRICS frame (Spark or pandas): per split, one system table
     (MAE, RMSE, user MAE, user RMSE, coverage, n) sorted by RMSE with the quoted paper
     rows marked †, notes on extra / out-of-range predictions, then the segment tables.
     `paper_rows`: {name: {"mae", "rmse", "source", optional "split"}}, e.g. PAPER_ROWS[dataset].
+    `source_scale`: the data's own scale (data.scale_min/max); when it is not 1-5 a line says
+    how the 1-5 figures read on it.
     """
     frame = metrics.toPandas() if isinstance(metrics, DataFrame) else metrics.copy()
     if frame.empty:
         raise ValueError("no metrics to report")
     lines = [f"# {title}", ""]
+    (low, high), factor = source_scale, (source_scale[1] - source_scale[0]) / (RATING_MAX - RATING_MIN)
+    if (low, high) != (RATING_MIN, RATING_MAX):
+        lines += [f"Ratings and metrics are on the model's {RATING_MIN:g}-{RATING_MAX:g} scale; this data's own "
+                  f"scale is {low:g}-{high:g} (data.scale_min/scale_max). On it, MAE and RMSE are x{factor:.4g} "
+                  f"and a prediction r reads as {low:g} + (r - {RATING_MIN:g}) x {factor:.4g}.", ""]
     for split in sorted(frame["split"].unique()):
         part = frame[frame["split"] == split]
         twice = part[part.duplicated(["system", "segment", "metric"])]

@@ -160,6 +160,11 @@ def test_markdown_report_sorts_by_rmse_and_marks_paper_rows():
     header = next(line for line in lines if line.startswith("| system | <5"))
     assert header.index("<5 (n=4)") < header.index("5-9 (n=6)")
     assert "SIREN" not in markdown_report(pdf, "no paper", None)
+    assert not any(line.startswith("Ratings and metrics are on") for line in lines)
+    ten = markdown_report(pdf, "a 1-10 source", None, (1.0, 10.0)).splitlines()
+    assert ten[2] == ("Ratings and metrics are on the model's 1-5 scale; this data's own scale is 1-10 "
+                      "(data.scale_min/scale_max). On it, MAE and RMSE are x2.25 and a prediction r reads as "
+                      "1 + (r - 1) x 2.25.")
 
 
 def test_markdown_report_refuses_two_values_per_system():
