@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from siren_batch.config import load_config
     from siren_batch.pipeline import ingest
     from siren_batch.spark import get_spark
+    from siren_batch.validate import from_model_scale
 
     parser = argparse.ArgumentParser(prog="python -m siren_batch.arrivals", description=main.__doc__)
     parser.add_argument("command", choices=["cut"])
@@ -69,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(overrides=[*overrides, f"warehouse={args.out}/source"])
     spark = get_spark(cfg.spark)
     ingest(spark, cfg)
-    dates = cut_arrivals(pd.read_parquet(cfg.table_path("interactions")), pd.read_parquet(cfg.table_path("items")),
+    inter = pd.read_parquet(cfg.table_path("interactions"))
+    # arrivals are source data: back on the source's scale, which the nightly maps onto 1-5 again
+    inter["rating"] = from_model_scale(inter["rating"], (cfg.data.scale_min, cfg.data.scale_max))
+    dates = cut_arrivals(inter, pd.read_parquet(cfg.table_path("items")),
                          args.out, check_run_date(args.first), args.nights, args.held_items)
     print(f"arrivals for {', '.join(dates)} under {args.out}: nightly.arrivals={args.out}/{{run_date}}")
     return 0

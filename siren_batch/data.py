@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import yaml
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas, validate
 from siren_batch.config import Config, ConfigError
 from siren_batch.readers import READERS
-from siren_batch.warehouse import conform
+from siren_batch.warehouse import conform, path_exists, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,24 @@ def ingest_counts(raw_inter: DataFrame, raw_items: DataFrame, interactions: Data
     counts.update({key: int(kept[key] or 0) if kept else 0
                    for key in ("users", "interacted_items", *[f"split_{s}" for s in schemas.SPLITS])})
     return counts
+
+
+def stored_sample(spark: SparkSession, cfg: Config) -> float | None:
+    """data.sample_users of the run that wrote cfg's interactions table (1.0 when its config
+    predates the option); None when there is no such table."""
+    path = f"{cfg.table_path('interactions')}/_config.yaml"
+    if not path_exists(spark, path):
+        return None
+    written = (yaml.safe_load(read_text(spark, path)) or {}).get("data") or {}
+    return float(written.get("sample_users", 1.0))
+
+
+def check_dry_run_target(spark: SparkSession, cfg: Config) -> None:
+    """A dry run (data.sample_users < 1) must not replace a full run's tables: ConfigError."""
+    if cfg.data.sample_users < 1.0 and stored_sample(spark, cfg) == 1.0:
+        raise ConfigError(f"data.sample_users={cfg.data.sample_users:g}: {cfg.warehouse}/{cfg.dataset} holds a full "
+                          "run's tables, which a dry run would replace; give the dry run its own warehouse "
+                          "(warehouse=<folder>)")
 
 
 def check_reject_fraction(counts: dict[str, int], limit: float) -> None:

@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 def ingest(spark: SparkSession, cfg: Config) -> dict:
     """Raw source -> interactions, items, rejects (input rows = kept + rejected)."""
-    from siren_batch.data import RejectsExceeded, check_reject_fraction, ingest as read_source
+    from siren_batch.data import RejectsExceeded, check_dry_run_target, check_reject_fraction, ingest as read_source
 
+    check_dry_run_target(spark, cfg)
     with run_record(spark, cfg, "ingest") as rec:
         rec.reads, rec.writes = [f"{cfg.data.source}:{cfg.data.path or 'bundled'}"], ["rejects", "interactions", "items"]
         result = read_source(spark, cfg)

@@ -107,6 +107,17 @@ def to_model_scale(rating: Column, scale: tuple[float, float]) -> Column:
     return F.least(F.greatest(mapped, F.lit(lo)), F.lit(hi))   # never off 1-5 by a rounding error
 
 
+def from_model_scale(ratings, scale: tuple[float, float]):
+    """to_model_scale undone, on numbers (pandas, numpy, float), rounded to 6 decimals so a source
+    value comes back exactly: what a stored rating was in the source's units.
+
+    >>> from_model_scale(1 + 2.5 * 4 / 4.5, (0.5, 5.0)), from_model_scale(5.0, (1.0, 10.0))
+    (3.0, 10.0)
+    """
+    (low, high), (lo, hi) = scale, MODEL_SCALE
+    return round(low + (ratings - lo) * (high - low) / (hi - lo), 6)
+
+
 def validate_interactions(raw: DataFrame, items: DataFrame, *, rating_min: float, rating_max: float,
                           ts_unit: str = "ms", source_split: bool = False,
                           scale: tuple[float, float] = MODEL_SCALE) -> tuple[DataFrame, DataFrame]:

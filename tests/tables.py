@@ -15,12 +15,12 @@ RUN_COLUMNS = {"run_id", "eval_id", "started_at", "duration_s"}
 
 def read_frame(folder: Path, keys: list[str] | None = None) -> pd.DataFrame:
     """The table at `folder` without RUN_COLUMNS, partition columns (categoricals) as text, rows
-    sorted by `keys` (default: every integer, boolean and all-text column)."""
+    sorted by `keys` (default: every integer, boolean and text column; text may be null)."""
     df = pd.read_parquet(folder).drop(columns=list(RUN_COLUMNS), errors="ignore")
     df = df.astype({c: str for c in df.columns if isinstance(df[c].dtype, pd.CategoricalDtype)})
     if keys is None:
         keys = [c for c in df.columns if df[c].dtype.kind in "iub"
-                or (df[c].dtype == object and df[c].map(lambda v: isinstance(v, str)).all())]
+                or (df[c].dtype == object and df[c].map(lambda v: v is None or isinstance(v, str)).all())]
     return df.sort_values(keys or list(df.columns[:1])).reset_index(drop=True)
 
 

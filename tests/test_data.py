@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import shutil
@@ -247,6 +248,21 @@ def test_another_scale_is_mapped_onto_one_to_five(spark, tmp_path):
     got = collect(result.interactions).set_index(["user_id", "item_id"]).rating.sort_index()
     assert got.tolist() == pytest.approx([5.0, 1 + 6 * 4 / 9, 1.0, 3.0]) and got.between(1, 5).all()
     assert result.counts["rejected_interactions_bad_rating"] == 1 and reconciled(result.counts)
+
+
+def test_a_dry_run_never_replaces_a_full_run_nor_feeds_a_night(spark, tmp_path):
+    from siren_batch import nightly, pipeline
+
+    opts = [*write_tables(tmp_path, "parquet", [4.0, 5.0, 3.0, 2.0, 1.0]), "data.ts_unit=s"]
+    pipeline.ingest(spark, conf(tmp_path, *opts))
+    with pytest.raises(ConfigError, match="holds a full run's tables, which a dry run would replace; give the dry"):
+        pipeline.ingest(spark, conf(tmp_path, *opts, "data.sample_users=0.99"))
+    dry = load_config(overrides=[f"warehouse={tmp_path / 'dry'}", *opts, "data.sample_users=0.99"])
+    assert pipeline.ingest(spark, dry)["sampled_out_interactions"] == 0   # both users kept: a 99% sample
+    pipeline.ingest(spark, dry)                                             # a dry run again replaces a dry run
+    night = dataclasses.replace(dry, data=dataclasses.replace(dry.data, sample_users=1.0))
+    with pytest.raises(ConfigError, match=r"holds a dry run's tables \(data.sample_users=0.99\); a night needs"):
+        nightly.run_night(spark, night, "2026-01-01")
 
 
 def test_table_source_rejects_exceeded(spark, tmp_path):

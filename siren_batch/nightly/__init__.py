@@ -45,6 +45,7 @@ from typing import Callable
 
 from pyspark.sql import SparkSession
 
+from siren_batch import data
 from siren_batch.config import Config, ConfigError
 from siren_batch.nightly.ingest import ingest_step
 from siren_batch.nightly.night import Night, check_run_date, day_end_ms, state_dir
@@ -87,6 +88,10 @@ def run_night(spark: SparkSession, cfg: Config, run_date: str, *, redo: bool = F
     if cfg.data.sample_users < 1.0:
         raise ConfigError(f"data.sample_users={cfg.data.sample_users:g} is for dry runs of the batch chain; "
                           "a night keeps every user (set data.sample_users=1)")
+    stored = data.stored_sample(spark, cfg)
+    if stored is not None and stored < 1.0:
+        raise ConfigError(f"{cfg.warehouse}/{cfg.dataset} holds a dry run's tables (data.sample_users={stored:g}); "
+                          "a night needs a full one: run the nightly on its own warehouse")
     done_nights = completed_nights(spark, cfg)
     later = [d for d in done_nights if d > run_date]
     if later:
