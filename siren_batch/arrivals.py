@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ingest(spark, cfg)
     inter = pd.read_parquet(cfg.table_path("interactions"))
     # arrivals are source data: back on the source's scale, which the nightly maps onto 1-5 again
-    inter["rating"] = from_model_scale(inter["rating"], (cfg.data.scale_min, cfg.data.scale_max))
+    inter["rating"] = from_model_scale(inter["rating"], cfg.data.scale)
     dates = cut_arrivals(inter, pd.read_parquet(cfg.table_path("items")),
                          args.out, check_run_date(args.first), args.nights, args.held_items)
     print(f"arrivals for {', '.join(dates)} under {args.out}: nightly.arrivals={args.out}/{{run_date}}")

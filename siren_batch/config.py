@@ -97,6 +97,11 @@ class DataConfig:
         _require(self.source not in ("amazon2023", "table") or bool(self.path),
                  f"data.source={self.source} needs data.path=<file or folder>")
 
+    @property
+    def scale(self) -> tuple[float, float]:
+        """The source's rating scale, (scale_min, scale_max)."""
+        return self.scale_min, self.scale_max
+
 
 @dataclass
 class EmbedConfig:

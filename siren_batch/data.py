@@ -59,7 +59,7 @@ def ingest(spark: SparkSession, cfg: Config, *, check_rejects: bool = False) -> 
     items = items.persist()
     kept, inter_rejects = validate.validate_interactions(
         raw_inter, items, rating_min=data.rating_min, rating_max=data.rating_max,
-        ts_unit=ts_unit, source_split=data.split == "source", scale=(data.scale_min, data.scale_max))
+        ts_unit=ts_unit, source_split=data.split == "source", scale=data.scale)
     valid = kept.persist()
     kept, kcore_rejects = validate.kcore_filter(valid, data.kcore)
     sampled_out = None

@@ -182,7 +182,7 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
         rec.output_rows = replace_evaluation(spark, cfg, metrics, eval_id)
         title = f"{cfg.dataset} {cfg.evaluate.split} (ratings run_date={run_date}, eval_id={eval_id})"
         report = markdown_report(metrics.toPandas(), title, PAPER_ROWS.get(cfg.dataset),
-                                 (cfg.data.scale_min, cfg.data.scale_max))
+                                 cfg.data.scale)
         for name in (f"{eval_id}.md", "latest.md"):
             write_text(spark, f"{cfg.table_path('reports')}/{name}", report)
         overall = {r.system: {"mae": r.mae, "rmse": r.rmse} for r in

@@ -24,6 +24,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F, types as T
 
 from siren_batch import schemas
+from siren_batch.backends import SCALE
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def parse_ts(col: str, ts_unit: str) -> Column:
     return F.when(~F.isnan(number), number)
 
 
-MODEL_SCALE = (1.0, 5.0)  # the points the model answers with (backends.SCALE); every table's ratings
+MODEL_SCALE = (float(SCALE[0]), float(SCALE[-1]))  # the model's answers (backends.SCALE): every table's ratings
 
 
 def to_model_scale(rating: Column, scale: tuple[float, float]) -> Column:

@@ -90,7 +90,7 @@ def _ingest_arrivals(spark: SparkSession, cfg: Config, night: Night, night_cfg: 
     known = stored_items.select("item_id").unionByName(new_items.select("item_id"))   # only ids are checked
     marked = validate.mark_interactions(raw, known, rating_min=cfg.data.rating_min, rating_max=cfg.data.rating_max,
                                         ts_unit=cfg.data.ts_unit,
-                                        scale=(cfg.data.scale_min, cfg.data.scale_max)).localCheckpoint()
+                                        scale=cfg.data.scale).localCheckpoint()
     kept, inter_rejects = validate.split_marked(marked, "interactions")
     delta = kept.withColumn("split", F.lit("train"))
     rejects = item_rejects.unionByName(inter_rejects)
