@@ -33,10 +33,11 @@ from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.config import EvaluateConfig
+from siren_batch.validate import MODEL_SCALE
 
 logger = logging.getLogger(__name__)
 
-RATING_MIN, RATING_MAX = 1.0, 5.0  # the 1..5 scale of every dataset here
+RATING_MIN, RATING_MAX = MODEL_SCALE  # every table's ratings: the model's answers (data.scale mapped at ingest)
 
 # Numbers quoted from publications, shown beside measured rows and never mixed up with them.
 PAPER_ROWS: dict[str, dict[str, dict[str, Any]]] = {

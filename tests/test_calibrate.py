@@ -85,6 +85,16 @@ def test_a_half_star_label_counts_half_for_each_neighbour():
     assert cal.meta["out_of_fold"]["nll"] == pytest.approx(math.log(2), abs=0.01)   # the two-hot cross-entropy
 
 
+def test_a_split_label_row_counts_once_in_the_scaler():
+    """A 3.5 label is two weighted rows (3 and 4): the features' mean and spread still count the
+    row once, as they do for whole-point labels."""
+    from siren_batch.train.calibrate import _fit_distribution
+
+    x = np.array([[0.0], [0.0], [10.0], [10.0]])
+    scaler = _fit_distribution(1.0, 0, x, np.array([3.5, 3.5, 2.0, 5.0]))[0]
+    assert scaler.mean_[0] == pytest.approx(5.0) and scaler.scale_[0] == pytest.approx(5.0)
+
+
 # ---- the Spark edge ---------------------------------------------------------------------
 
 def _warehouse(spark, cfg):

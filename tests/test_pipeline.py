@@ -110,7 +110,7 @@ def test_real_prompts_every_path_agrees_and_bf16_stays_close(spark, ml100k):
     """fp32: cross-user shared prefixes equal one prompt at a time within 1e-4 on real
     prompts of mixed users. bf16 (the CPU default where the CPU has native bf16,
     ~1.6-1.9x fp32 there) stays within 0.15 in rating and 0.05 in probability, on the
-    first two users' four prompts (emulated bf16 on an AVX2-only CPU takes ~8 s a prompt)."""
+    first user's prompts (emulated bf16 on an AVX2-only CPU takes ~8 s a prompt)."""
     import numpy as np
 
     from siren_batch.backends.transformers_backend import TransformersBackend
@@ -119,9 +119,8 @@ def test_real_prompts_every_path_agrees_and_bf16_stays_close(spark, ml100k):
     texts, users = _mixed_real_prompts(spark, cfg)
     assert len(texts) == 11 and len(set(users)) == 7
     runs = {}
-    first_two = list(dict.fromkeys(users))[:2]
-    bf16_rows = [k for k, u in enumerate(users) if u in first_two]
-    assert len(bf16_rows) == 4
+    bf16_rows = [k for k, u in enumerate(users) if u == users[0]]
+    assert len(bf16_rows) >= 2
     for name, kw in {"single": dict(dtype="float32", batch_size=1, shared_prefix=False),
                      "shared": dict(dtype="float32", shared_prefix=True, shared_prefix_min_tokens=8),
                      "bf16": dict(dtype="bfloat16", shared_prefix=True)}.items():

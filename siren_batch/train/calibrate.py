@@ -34,12 +34,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from siren_batch.backends import SCALE, readout_median
-from siren_batch.train.objective import two_hot
+from siren_batch.train.objective import VALUES, two_hot
 
 logger = logging.getLogger(__name__)
 
 FEATURE_GROUPS = ("llm", "baselines", "counts", "hidden")
-VALUES = np.array([float(s) for s in SCALE])
 LOG_FLOOR = 1e-6   # probabilities below this read as this: log(0) would be -inf
 
 
@@ -135,10 +134,13 @@ def _point():
 def _fit_distribution(c: float, seed: int, x: np.ndarray, labels: np.ndarray):
     """The logistic regression fit on each label's two-hot distribution (objective.two_hot):
     a row per scale point with weight, so a label between two points (half stars, a scale
-    mapped onto 1-5) keeps its mean; an integer label is one row of weight 1, as before."""
+    mapped onto 1-5) keeps its mean; an integer label is one row of weight 1, as before. The
+    scaler takes the same weights: a split row counts once in the features' mean and spread."""
     soft = two_hot(labels)
     rows, points = np.nonzero(soft > 1e-12)
-    return _distribution(c, seed).fit(x[rows], VALUES[points], logisticregression__sample_weight=soft[rows, points])
+    weight = soft[rows, points]
+    return _distribution(c, seed).fit(x[rows], VALUES[points], standardscaler__sample_weight=weight,
+                                      logisticregression__sample_weight=weight)
 
 
 def _out_of_fold(x: np.ndarray, labels: np.ndarray, c: float, folds: int, seed: int) -> list[np.ndarray]:
