@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import yaml
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas, validate
 from siren_batch.config import Config, ConfigError
 from siren_batch.readers import READERS
-from siren_batch.warehouse import conform, path_exists, read_text
+from siren_batch.warehouse import conform, table_config
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +133,10 @@ def ingest_counts(raw_inter: DataFrame, raw_items: DataFrame, interactions: Data
 def stored_sample(spark: SparkSession, cfg: Config) -> float | None:
     """data.sample_users of the run that wrote cfg's interactions table (1.0 when its config
     predates the option); None when there is no such table."""
-    path = f"{cfg.table_path('interactions')}/_config.yaml"
-    if not path_exists(spark, path):
+    written = table_config(spark, cfg, "interactions")
+    if written is None:
         return None
-    written = (yaml.safe_load(read_text(spark, path)) or {}).get("data") or {}
-    return float(written.get("sample_users", 1.0))
+    return float((written.get("data") or {}).get("sample_users", 1.0))
 
 
 def check_dry_run_target(spark: SparkSession, cfg: Config) -> None:

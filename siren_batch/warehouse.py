@@ -159,6 +159,15 @@ def conform(df: DataFrame, schema: T.StructType) -> DataFrame:
                        else df[f.name].cast(f.dataType).alias(f.name) for f in schema.fields])
 
 
+CONFIG_FILE = "_config.yaml"   # beside a table's data: the resolved config of the run that wrote it
+
+
+def table_config(spark: SparkSession, cfg: Config, table: str) -> dict | None:
+    """The resolved config `table` was written with (write_table), None when there is no such table."""
+    path = f"{cfg.table_path(table)}/{CONFIG_FILE}"
+    return (yaml.safe_load(read_text(spark, path)) or {}) if path_exists(spark, path) else None
+
+
 def write_table(df: DataFrame, cfg: Config, table: str, schema: T.StructType, *,
                 partition_by: list[str] | None = None) -> int:
     """Replace `table` atomically with `df`; with `partition_by`, replace only the
@@ -171,7 +180,7 @@ def write_table(df: DataFrame, cfg: Config, table: str, schema: T.StructType, *,
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     writer.parquet(stage)
-    write_text(spark, f"{stage}/_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(spark, f"{stage}/{CONFIG_FILE}", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     rows = parquet_rows(spark, stage)
 
     if not partition_by or not path_exists(spark, final):
@@ -179,7 +188,7 @@ def write_table(df: DataFrame, cfg: Config, table: str, schema: T.StructType, *,
     else:
         for part in [p for p in list_dir(spark, stage) if "=" in p]:
             _swap(spark, f"{stage}/{part}", f"{final}/{part}")
-        _swap(spark, f"{stage}/_config.yaml", f"{final}/_config.yaml")
+        _swap(spark, f"{stage}/{CONFIG_FILE}", f"{final}/{CONFIG_FILE}")
         delete_path(spark, stage)
     logger.info("wrote %s: %d rows -> %s", table, rows, final)
     return rows
