@@ -28,7 +28,7 @@ import numpy as np
 
 from siren_batch.bench_score import ANSWER_ONLY_SUFFIX, SHARED_MOVIES, real_prompts
 from siren_batch.config import ScoreConfig
-from siren_batch.profiling import write_results
+from siren_batch.profiling import matmul_peak_flops, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -59,22 +59,6 @@ def random_model(shape: str, tokenizer, device: str, layers: int | None = None):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.eval()
-
-
-def matmul_peak_tflops(device: str, n: int = 8192, repeats: int = 10) -> float:
-    """Best bf16 n x n matmul rate on the device: its practical peak."""
-    import torch
-
-    n = n if device == "cuda" else 1024
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    best = float("inf")
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e12
 
 
 def _sync(device: str) -> None:
@@ -241,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         save_inputs(args.save_inputs, tokenizer, texts, groups)
         logger.info("wrote %d prompts and the tokenizer to %s", len(texts), args.save_inputs)
         return 0
-    peak = matmul_peak_tflops(args.device)
+    peak = matmul_peak_flops("bfloat16", args.device, n=8192 if args.device == "cuda" else 1024, repeats=10) / 1e12
     shapes = {shape: bench_shape(shape, tokenizer, texts, groups, args.device, peak, args.batch_tokens,
                                  args.cot_prompts, args.max_new_tokens, args.layers)
               for shape in args.shapes.split(",")}

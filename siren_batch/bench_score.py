@@ -23,7 +23,7 @@ import numpy as np
 
 from siren_batch.assets import REPO_ROOT
 from siren_batch.config import ScoreConfig
-from siren_batch.profiling import write_results
+from siren_batch.profiling import matmul_peak_flops, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -91,20 +91,6 @@ def real_prompts(tokenizer, data_dir: Path = SHARED_MOVIES, users: int = 4, cand
     return texts, groups
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 n x n matmul rate with the current torch threads: the machine's practical peak."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
-
-
 def _timed(backend, texts, groups, **overrides) -> dict:
     backend.cfg = dataclasses.replace(backend.cfg, **overrides)
     before = dict(backend.stats)
@@ -122,7 +108,7 @@ def run_bench(users: int, candidates: int, batch_size: int, cot_prompts: int, ma
 
     from siren_batch.backends.transformers_backend import TransformersBackend
 
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_flops() / 1e9
     rows, probs, agree, tokens = {}, {}, {}, {}
     paths = {"one_at_a_time": dict(batch_size=1, shared_prefix=False),
              "batched": dict(batch_size=batch_size, shared_prefix=False),

@@ -19,6 +19,28 @@ from siren_batch.assets import REPO_ROOT
 RESULTS_DIR = Path(os.environ.get("SIREN_RESULTS_DIR", REPO_ROOT / "notebooks" / "benchmarks"))
 
 
+def matmul_peak_flops(dtype: str = "float32", device: str = "cpu", n: int = 2048, repeats: int = 5,
+                      budget_s: float = 2.0) -> float:
+    """Best n x n matmul rate (FLOP/s) in `dtype` on `device` with the current torch threads: its
+    practical peak, for the benchmarks' % of peak. A warm-up, then at most `repeats` timed runs,
+    none started once `budget_s` is spent (at least one): a CPU without native bf16 takes ~2.3 s
+    per 1024^3 bf16 product and ~50 s per 2048^3 one."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs <= repeats and (runs < 2 or spent < budget_s):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        took = time.perf_counter() - start
+        best, spent, runs = min(best, took), spent + took, runs + 1
+    return 2 * n**3 / best
+
+
 def _tree_rss_bytes(root: int) -> int:
     """Resident memory of `root` and all its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}

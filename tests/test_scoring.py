@@ -414,6 +414,19 @@ def test_bench_score_gpu_paths_on_cpu(backend, tmp_path, monkeypatch):
     assert "| smollm2-135m | cross_user |" in (tmp_path / "results" / "gpu.md").read_text()
 
 
+def test_the_matmul_peak_stops_at_its_time_budget(monkeypatch):
+    """Each product 'takes' 1 s on a fake clock: a 2.5 s budget allows the warm-up and two
+    timed runs, not the 11 a fast device gets; with no budget, warm-up and one."""
+    from siren_batch import profiling
+
+    for budget, runs in ((2.5, 3), (0.0, 2), (100.0, 11)):
+        ticks = iter(range(1000))
+        monkeypatch.setattr(profiling.time, "perf_counter", lambda: float(next(ticks)))
+        flops = profiling.matmul_peak_flops("bfloat16", n=8, repeats=10, budget_s=budget)
+        assert flops == pytest.approx(2 * 8**3)
+        assert next(ticks) == 2 * runs   # two clock reads per run
+
+
 def test_backends_and_the_gpu_benchmark_import_without_pyspark():
     """A GPU box with torch but no Spark (nor polars, TRL, vLLM, DuckDB) runs the backend,
     bench-score-gpu and the GPU kit's training."""

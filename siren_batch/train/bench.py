@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from siren_batch.bench_score import SHARED_MOVIES, matmul_peak_gflops, real_prompts
+from siren_batch.bench_score import SHARED_MOVIES, real_prompts
 from siren_batch.config import TrainConfig
-from siren_batch.profiling import write_results
+from siren_batch.profiling import matmul_peak_flops, write_results
 from siren_batch.backends.device import cpu_has_bf16, pick_device
 from siren_batch.train import batching, model as M, objective
 
@@ -50,18 +50,6 @@ CONFIGS = [  # (name, method, bf16, pack, gradient checkpointing)
     ("full bf16 packed checkpointed", "full", True, True, True)]
 # The default set keeps `make bench-train` within ~5 minutes on a busy 2-core machine.
 DEFAULT = ["lora fp32 unpacked", "lora bf16 unpacked", "lora bf16 packed", "full bf16 packed", "align ha bf16 packed"]
-
-
-def matmul_peak(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
-    """Best n x n matmul GFLOP/s in this precision (fp32: bench_score.matmul_peak_gflops)."""
-    import torch
-
-    if not bf16:
-        return matmul_peak_gflops(n, repeats)
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -187,8 +175,9 @@ def run_bench(args) -> dict:
     args.rating_ids, args.pad_id = rating_token_ids(tokenizer), tokenizer.pad_token_id or 0
     targets = objective.model_targets(np.arange(len(ids)) % 5 + 1.0, None, "rating")
     chosen = [c for c in CONFIGS if c[0] in args.configs]
-    # only the precisions measured (an emulated bf16 peak takes minutes on a CPU without bf16)
-    peaks = {name: round(matmul_peak(bf16), 1) for name, bf16 in (("fp32", False), ("bf16", True))
+    # only the precisions measured (an emulated bf16 product takes ~50 s on a CPU without bf16)
+    peaks = {name: round(matmul_peak_flops(dtype) / 1e9, 1)
+             for name, dtype, bf16 in (("fp32", "float32", False), ("bf16", "bfloat16", True))
              if any(c[2] == bf16 for c in chosen)}
     rows = [run_isolated(c, ids, groups, targets, args, path) for c in chosen]
     for row in rows:
