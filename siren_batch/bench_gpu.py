@@ -28,7 +28,7 @@ import numpy as np
 
 from siren_batch.bench_score import ANSWER_ONLY_SUFFIX, SHARED_MOVIES, real_prompts
 from siren_batch.config import ScoreConfig
-from siren_batch.profiling import matmul_peak_flops, write_results
+from siren_batch.profiling import matmul_peak_flops, sync, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +61,6 @@ def random_model(shape: str, tokenizer, device: str, layers: int | None = None):
     return model.eval()
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _raw_forward(backend, texts: list[str], rows: int = 256) -> tuple[float, int, int]:
     """One left-padded forward of `rows` prompts, no framework: the ceiling. -> (s, pairs, tokens)."""
     import torch
@@ -77,10 +70,10 @@ def _raw_forward(backend, texts: list[str], rows: int = 256) -> tuple[float, int
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
         for timed in (False, True):   # the first call warms kernels up
-            _sync(backend.device)
+            sync(backend.device)
             start = time.perf_counter()
             backend.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-            _sync(backend.device)
+            sync(backend.device)
     return time.perf_counter() - start, len(ids), int(mask.sum())
 
 
@@ -103,10 +96,10 @@ def bench_shape(shape: str, tokenizer, texts: list[str], groups: list[str], devi
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         before = dict(backend.stats)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         results = backend.score(texts, groups)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
         tokens = backend.stats["tokens"] - before["tokens"]
         probs[name] = np.array([r.probs if r.probs else [np.nan] * 5 for r in results])
@@ -140,10 +133,10 @@ def _bench_cot(backend, texts: list[str], groups: list[str], n: int, max_new_tok
     prompts = [t.removesuffix(ANSWER_ONLY_SUFFIX) for t in list(firsts.values())[:n]]
     backend.cfg = dataclasses.replace(backend.cfg, mode="cot", max_new_tokens=max_new_tokens,
                                       batch_size=len(prompts), batch_tokens=10**9)
-    _sync(backend.device)
+    sync(backend.device)
     start = time.perf_counter()
     results = backend.generate_cot(prompts)
-    _sync(backend.device)
+    sync(backend.device)
     seconds = time.perf_counter() - start
     backend.cfg = dataclasses.replace(backend.cfg, mode="answer_only")
     return {"pairs": len(prompts), "max_new_tokens": max_new_tokens,

@@ -19,6 +19,15 @@ from siren_batch.assets import REPO_ROOT
 RESULTS_DIR = Path(os.environ.get("SIREN_RESULTS_DIR", REPO_ROOT / "notebooks" / "benchmarks"))
 
 
+def sync(device: str) -> None:
+    """Wait for the work queued on a GPU, so that a timer read next sees it finished (a CPU runs
+    synchronously: nothing to wait for). `device` as torch names it: cpu, cuda, cuda:1."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def matmul_peak_flops(dtype: str = "float32", device: str = "cpu", n: int = 2048, repeats: int = 5,
                       budget_s: float = 2.0) -> float:
     """Best n x n matmul rate (FLOP/s) in `dtype` on `device` with the current torch threads: its
@@ -30,12 +39,10 @@ def matmul_peak_flops(dtype: str = "float32", device: str = "cpu", n: int = 2048
     a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
     best, spent, runs = float("inf"), 0.0, 0
     while runs <= repeats and (runs < 2 or spent < budget_s):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         took = time.perf_counter() - start
         best, spent, runs = min(best, took), spent + took, runs + 1
     return 2 * n**3 / best

@@ -32,7 +32,7 @@ import numpy as np
 
 from siren_batch.bench_score import SHARED_MOVIES, real_prompts
 from siren_batch.config import TrainConfig
-from siren_batch.profiling import matmul_peak_flops, write_results
+from siren_batch.profiling import matmul_peak_flops, sync, write_results
 from siren_batch.backends.device import cpu_has_bf16, pick_device
 from siren_batch.train import batching, model as M, objective
 
@@ -115,8 +115,7 @@ def run_config(name: str, method: str, bf16: bool, pack: bool, checkpointed: boo
             objective.losses(logits, targets[batch.rows], "ce").mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
 
     step(batching.collate(units[:1], args.pad_id, device, kind))   # warm-up: first-call allocations, kernels
     if device == "cuda":
