@@ -52,7 +52,7 @@ browser:
 	  || echo "chromium not installed (apt-get unavailable or not root): the report's browser test will skip"; }
 
 test: model browser
-	$(PY) -m pytest -q --durations=15 -m "not vllm and not faults and not bench" tests
+	$(PY) -m pytest -q --durations=15 -m "not vllm and not faults and not bench and not slow" tests
 	$(MAKE) test-vllm
 
 # A Spark standalone master + two workers on 127.0.0.1 run the demo's chain (make test runs it too).

@@ -103,6 +103,21 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def long_tiny_model(tiny_model, tmp_path_factory):
+    """tiny_model with room for real prompts (its byte-level BPE makes ~1k tokens of one). The
+    scorer of the tests about the chain rather than the model (a killed driver, the nights, chunk
+    resume): SmolLM2 in fp32 costs ~0.9 s a real prompt on a 2-core AVX2 CPU, this ~0.02 s."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-long") / "m"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3(tiny_model, tmp_path_factory):
     """A tiny random Qwen3 (2 layers, hidden 32, q/k norms) with tiny_model's tokenizer:
     the architecture of the paper's Qwen3-4B at test size (SIREN stages 1 and 2)."""
@@ -119,6 +134,54 @@ def tiny_qwen3(tiny_model, tmp_path_factory):
                          bos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     Qwen3ForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+# ---- a tiny chain, ingest .. evaluate, on a 12-user CSV source (test_driver_kill, test_cluster) ----
+
+TINY_DATASET = "tiny"
+
+
+def tiny_source(folder: Path) -> list[str]:
+    """12 users x 7 of 12 films of 4 genres, ratings 1-5, and one bad line (a reject)."""
+    folder.mkdir(parents=True)
+    genres = ["Drama|Romance", "Horror|Thriller", "Comedy", "Sci-Fi|Action"]
+    items = [f"i{i},Film number {i} about {genres[i % 4].split('|')[0].lower()},{genres[i % 4]}" for i in range(12)]
+    (folder / "items.csv").write_text("item_id,title,genres\n" + "\n".join(items) + "\n")
+    rows = [f"u{u},i{(u + k) % 12},{(u * 3 + k * (u % 3 + 1)) % 5 + 1},{1000 + 100 * u + k}"
+            for u in range(12) for k in range(7)]
+    (folder / "inter.csv").write_text("user_id,item_id,rating,ts\n" + "\n".join(rows) + "\nu1,i1,nine,5\n")
+    return [f"data.path={folder / 'inter.csv'}", f"data.items_path={folder / 'items.csv'}", "data.format=csv",
+            "data.source=table", "data.kcore=0", f"dataset={TINY_DATASET}"]
+
+
+def tiny_overrides(warehouse: Path, source: list[str], model: Path) -> list[str]:
+    """Tiny everything: 3 topics; a tiny random model in fp32 (so a resumed run's ratings
+    equal the reference's) in one task, 12 test pairs in 2 chunks; one baseline."""
+    return [f"warehouse={warehouse}", *source, f"score.model={model}", "spark.master=local[2]",
+            "spark.shuffle_partitions=4", "topics.k=3", "topics.name_top_m=4", "score.dtype=float32",
+            "score.partitions=1", "score.chunk_rows=6", "score.run_date=2026-01-05", "calibrate.enabled=false",
+            "evaluate.baselines=[global_mean]"]
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(spark, tmp_path_factory, long_tiny_model):
+    """The uninterrupted chain in this session's driver, once: (root, its overrides). The
+    warehouse is root/wh; root/start is a copy of it before the first stage and root/<stage>
+    a copy after each stage."""
+    import shutil
+
+    from siren_batch import pipeline
+
+    root = tmp_path_factory.mktemp("tiny-chain")
+    args = tiny_overrides(root / "wh", tiny_source(root / "in"), long_tiny_model)
+    cfg = load_config(overrides=args)
+    (root / "wh" / TINY_DATASET).mkdir(parents=True)
+    shutil.copytree(root / "wh", root / "start")
+    for stage in pipeline.FULL_CHAIN:
+        pipeline.STAGES[stage](spark, cfg)
+        spark.catalog.clearCache()
+        shutil.copytree(root / "wh", root / stage)
+    return root, args
 
 
 # ---- the sketch chain on real data, once per session (tests/test_pipeline.py, test_cluster.py) ----

@@ -1,6 +1,7 @@
 """Comparing two warehouses' tables (the cluster against local mode, a killed run against an
 uninterrupted one, a night run again): read a table folder into a sorted pandas frame without
-the columns that name a run, then assert two such frames equal, floats within a tolerance."""
+the columns that name a run, then assert two such frames, or two datasets' tables, equal,
+floats within a tolerance."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ import pandas as pd
 
 # Columns that name a run, not its result.
 RUN_COLUMNS = {"run_id", "eval_id", "started_at", "duration_s"}
+# Keys no table may repeat (the tables not named here have none).
+KEYS = {"interactions": ["user_id", "item_id"], "items": ["item_id"], "item_embeddings": ["item_id"],
+        "topics": ["topic_id"], "item_topics": ["item_id"], "example_sketches": ["user_id", "item_id"],
+        "sketches": ["user_id"], "prompts": ["user_id", "item_id", "variant", "mode"],
+        "ratings": ["run_date", "user_id", "item_id"], "metrics": ["system", "segment", "metric"]}
 
 
 def read_frame(folder: Path, keys: list[str] | None = None) -> pd.DataFrame:
@@ -52,3 +58,29 @@ def assert_same_frame(mine: pd.DataFrame, theirs: pd.DataFrame, what: str, atol:
         bad = [k for k, (x, y) in enumerate(zip(mine[column], theirs[column])) if not same_value(x, y, atol)]
         assert not bad, f"{what}.{column} differs in {len(bad)} rows, e.g. {mine[column][bad[0]]!r} vs " \
                         f"{theirs[column][bad[0]]!r}"
+
+
+def visible(folder: Path) -> set[str]:
+    """Folders a reader of the tables can see: every path under the dataset without a part
+    starting with '_' or '.' (Spark, pyarrow and our readers skip those), the runs table and
+    the reports left out (a killed run has no runs row; report names carry the run id)."""
+    found = set()
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if path.is_dir() and rel.parts[0] not in {"runs", "reports"} \
+                and not any(p.startswith(("_", ".")) for p in rel.parts):
+            found.add(str(rel))
+    return found
+
+
+def assert_same_tables(got: Path, want: Path, what: str) -> None:
+    """Two datasets' folders hold the same tables and partitions, the same rows (floats within
+    1e-6), no duplicate keys, and as many reports."""
+    assert visible(got) == visible(want), f"{what}: the tables and partitions a reader sees differ"
+    for table in sorted({p.split("/")[0] for p in visible(want)}):
+        mine, theirs = read_frame(got / table), read_frame(want / table)
+        if table in KEYS:
+            assert not mine.duplicated(KEYS[table]).any(), f"{table} holds duplicate keys"
+        assert_same_frame(mine, theirs, f"{table} ({what})")
+    # reports/: <eval_id>.md and latest.md, once per finished evaluate
+    assert len(list(got.glob("reports/*"))) == len(list(want.glob("reports/*")))

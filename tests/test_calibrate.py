@@ -222,19 +222,6 @@ def test_valid_features_reuse_the_tuned_als_fit(spark, tmp_path):
 
 # ---- the probe ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def long_tiny_model(tiny_model, tmp_path_factory):
-    """The shared tiny model with room for real prompts (its byte-level BPE makes ~1k tokens)."""
-    import json
-    import shutil
-
-    folder = tmp_path_factory.mktemp("tiny-long") / "m"
-    shutil.copytree(tiny_model, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
-    return folder
-
-
 def test_answer_states_are_the_last_position_whatever_the_batch(long_tiny_model):
     import torch
 

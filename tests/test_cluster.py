@@ -1,11 +1,13 @@
-"""`make test-cluster`: the demo's chain on a real Spark standalone cluster.
+"""`make test-cluster`: the whole chain on a real Spark standalone cluster.
 
 A master and two workers (one core each, each with its own work directory) start on
 127.0.0.1 with pyspark's own `spark-class`; the chain runs against
 spark://127.0.0.1:7077 through `spark-submit --py-files dist/siren_batch.zip`, the
 way README.md and conf/cluster.yaml say. Its tables must equal a local-mode run's
-on the same data and config (floats within 1e-6). The cluster processes are stopped
-by their pids, also when the test fails.
+on the same data and config (floats within 1e-6). `make test` runs the chain of the
+12-user source (conftest.tiny_chain); `make test-cluster` also runs the demo's chain
+on MovieLens-100K (`slow`: about three minutes of six JVMs on two cores). The
+cluster processes are stopped by their pids, also when the test fails.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ML100K_SCORE
-from tables import assert_same_frame, read_frame
+from conftest import ML100K_SCORE, TINY_DATASET
+from tables import assert_same_frame, assert_same_tables, read_frame
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
@@ -120,18 +122,36 @@ def cluster(tmp_path_factory):
 
 def _submit(cluster: dict, job: str, warehouse: Path, *overrides: str, timeout: int = 1500
             ) -> subprocess.CompletedProcess:
-    """spark-submit `job` to the cluster on ml-100k, the package shipped as README says;
-    the output goes to <cluster root>/<job>.log as well."""
+    """spark-submit `job` to the cluster (ml-100k unless `overrides` name another dataset), the
+    package shipped as README says; the output goes to <cluster root>/<job>.log as well."""
     submit = str(Path(cluster["env"]["SPARK_HOME"]) / "bin" / "spark-submit")
-    common = [f"warehouse={warehouse}", "dataset=ml-100k", "calibrate.enabled=false", f"spark.master={MASTER}",
-              "spark.extra={spark.executor.memory: 2g}"]
+    first = ["dataset=ml-100k", "calibrate.enabled=false"]
+    last = [f"warehouse={warehouse}", f"spark.master={MASTER}", "spark.extra={spark.executor.memory: 2g}"]
     env = {**cluster["env"], "PYSPARK_DRIVER_PYTHON": sys.executable}
     run = subprocess.run([submit, "--master", MASTER, "--py-files", "dist/siren_batch.zip", f"jobs/{job}.py",
-                          *common, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+                          *first, *overrides, *last], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=timeout)
     (cluster["root"] / f"{job}.log").write_text(run.stdout + run.stderr)
     return run
 
 
+def _executors_on_both_workers(cluster: dict) -> bool:
+    """Each worker's work directory holds an executor: the chain really ran on the workers."""
+    return all(any((cluster["root"] / f"worker{k}").glob("app-*/*")) for k in range(2))
+
+
+def test_the_tiny_chain_on_a_standalone_cluster_equals_local_mode(tiny_chain, cluster, tmp_path):
+    root, args = tiny_chain   # the same overrides (its warehouse and master replaced), one spark-submit
+    run = _submit(cluster, "run_all", tmp_path / "cluster", *args)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    remote = tmp_path / "cluster" / TINY_DATASET
+    assert_same_tables(remote, root / "evaluate" / TINY_DATASET, "cluster against local")
+    scored = pd.read_parquet(remote / "ratings")
+    assert len(scored) == 12 and scored.error.isna().all()
+    assert _executors_on_both_workers(cluster), "an executor never started on a worker"
+
+
+@pytest.mark.slow   # make test-cluster: about three minutes of six JVMs on two cores
 def test_demo_chain_on_a_standalone_cluster_equals_local_mode(ml100k_scored, cluster, tmp_path):
     # The sketch variant and the test split's examples only (the session's local chain holds
     # raw prompts and every split's; compared below on the same rows): the train split's
@@ -163,9 +183,7 @@ def test_demo_chain_on_a_standalone_cluster_equals_local_mode(ml100k_scored, clu
     assert {"item_embeddings", "item_topics", "example_sketches", "prompts", "ratings", "metrics"} <= set(compared)
     scored = pd.read_parquet(remote / "ratings")
     assert len(scored) == 12 and scored.error.isna().sum() >= 10
-    # the executors really ran on the workers: each worker's work directory holds an executor
-    work = [cluster["root"] / f"worker{k}" for k in range(2)]
-    assert all(any(w.glob("app-*/*")) for w in work), "an executor never started on a worker"
+    assert _executors_on_both_workers(cluster), "an executor never started on a worker"
 
 
 def _scoring_workers(root: Path) -> list[tuple[int, int]]:

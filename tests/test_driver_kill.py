@@ -26,20 +26,13 @@ from pathlib import Path
 import pytest
 
 from siren_batch import cli, pipeline
-from siren_batch.config import load_config
-from tables import assert_same_frame, read_frame
+from conftest import TINY_DATASET as DATASET
+from tables import assert_same_tables, read_frame, visible
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
-DATASET = "killed"
 STAGES = pipeline.FULL_CHAIN
-# Keys no table may repeat (the tables not named here have none).
-KEYS = {"interactions": ["user_id", "item_id"], "items": ["item_id"], "item_embeddings": ["item_id"],
-        "topics": ["topic_id"], "item_topics": ["item_id"], "example_sketches": ["user_id", "item_id"],
-        "sketches": ["user_id"], "prompts": ["user_id", "item_id", "variant", "mode"],
-        "ratings": ["run_date", "user_id", "item_id"], "metrics": ["system", "segment", "metric"]}
-
 # Where each stage's driver dies: just before its n-th move_path (a commit step), on a
 # warehouse holding the tables of the stages before it.
 KILL_BEFORE_MOVE = {
@@ -58,68 +51,6 @@ COMMITTED_AT_KILL = {"ingest": "rejects", "topics": "topics", "sketches": "examp
 QUICK_JVM = "spark.extra={spark.driver.extraJavaOptions: -XX:TieredStopAtLevel=1, spark.ui.enabled: 'false'}"
 
 
-def _source(folder: Path) -> list[str]:
-    """12 users x 7 of 12 films of 4 genres, ratings 1-5, and one bad line (a reject)."""
-    folder.mkdir(parents=True)
-    genres = ["Drama|Romance", "Horror|Thriller", "Comedy", "Sci-Fi|Action"]
-    items = [f"i{i},Film number {i} about {genres[i % 4].split('|')[0].lower()},{genres[i % 4]}" for i in range(12)]
-    (folder / "items.csv").write_text("item_id,title,genres\n" + "\n".join(items) + "\n")
-    rows = [f"u{u},i{(u + k) % 12},{(u * 3 + k * (u % 3 + 1)) % 5 + 1},{1000 + 100 * u + k}"
-            for u in range(12) for k in range(7)]
-    (folder / "inter.csv").write_text("user_id,item_id,rating,ts\n" + "\n".join(rows) + "\nu1,i1,nine,5\n")
-    return [f"data.path={folder / 'inter.csv'}", f"data.items_path={folder / 'items.csv'}", "data.format=csv",
-            "data.source=table", "data.kcore=0", f"dataset={DATASET}"]
-
-
-def _overrides(warehouse: Path, source: list[str]) -> list[str]:
-    """Tiny everything: 3 topics; the bundled SmolLM2 in fp32 (so a resumed run's ratings
-    equal the reference's) in one task, 12 test pairs in 2 chunks; one baseline."""
-    return [f"warehouse={warehouse}", *source, "spark.master=local[2]", "spark.shuffle_partitions=4",
-            "topics.k=3", "topics.name_top_m=4", "score.dtype=float32", "score.partitions=1",
-            "score.chunk_rows=6", "score.run_date=2026-01-05", "calibrate.enabled=false",
-            "evaluate.baselines=[global_mean]"]
-
-
-@pytest.fixture(scope="module")
-def reference(spark, tmp_path_factory):
-    """The uninterrupted chain; a copy of its warehouse before the first stage and after each."""
-    root = tmp_path_factory.mktemp("driver-kill")
-    args = _overrides(root / "wh", _source(root / "in"))
-    cfg = load_config(overrides=args)
-    (root / "wh" / DATASET).mkdir(parents=True)
-    shutil.copytree(root / "wh", root / "start")
-    for stage in STAGES:
-        pipeline.STAGES[stage](spark, cfg)
-        spark.catalog.clearCache()
-        shutil.copytree(root / "wh", root / stage)
-    return root, args
-
-
-def _visible(folder: Path) -> set[str]:
-    """Folders a reader of the tables can see: every path under the dataset without a part
-    starting with '_' or '.' (Spark, pyarrow and our readers skip those), the runs table and
-    the reports left out (a killed run has no runs row; report names carry the run id)."""
-    found = set()
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if path.is_dir() and rel.parts[0] not in {"runs", "reports"} \
-                and not any(p.startswith(("_", ".")) for p in rel.parts):
-            found.add(str(rel))
-    return found
-
-
-def _assert_same_tables(got: Path, want: Path) -> None:
-    assert _visible(got) == _visible(want), "the tables and partitions a reader sees differ"
-    tables = sorted({p.split("/")[0] for p in _visible(want)})
-    for table in tables:
-        mine, theirs = read_frame(got / table), read_frame(want / table)
-        if table in KEYS:
-            assert not mine.duplicated(KEYS[table]).any(), f"{table} holds duplicate keys"
-        assert_same_frame(mine, theirs, f"{table} (rerun against uninterrupted)")
-    # reports/: <eval_id>.md and latest.md, once per finished evaluate
-    assert len(list(got.glob("reports/*"))) == len(list(want.glob("reports/*")))
-
-
 # `make test` kills the driver in two stages with more than one commit step (sketches: two
 # tables; score: chunk resume); `make test-faults` in all seven, ingest's rejects-then-
 # interactions too (each case starts a cold JVM: ~30 s on 2 cores).
@@ -128,8 +59,8 @@ IN_EVERY_RUN = {"sketches", "score"}
 
 @pytest.mark.parametrize("stage", [s if s in IN_EVERY_RUN else pytest.param(s, marks=pytest.mark.faults)
                                    for s in STAGES])
-def test_a_driver_killed_mid_stage_reruns_to_the_uninterrupted_tables(reference, stage):
-    root, args = reference
+def test_a_driver_killed_mid_stage_reruns_to_the_uninterrupted_tables(tiny_chain, stage):
+    root, args = tiny_chain
     before = (["start", *STAGES])[STAGES.index(stage)]
     wh = root / f"killed-in-{stage}"
     shutil.copytree(root / before, wh)
@@ -152,10 +83,10 @@ def test_a_driver_killed_mid_stage_reruns_to_the_uninterrupted_tables(reference,
     assert (data / "_lock").exists()
     if stage in COMMITTED_AT_KILL:
         assert (data / COMMITTED_AT_KILL[stage]).is_dir(), "the driver died before the stage's first commit"
-    assert _visible(data) != _visible(want), "the kill left the tables as the finished stage would"
+    assert visible(data) != visible(want), "the kill left the tables as the finished stage would"
 
     assert cli.main([stage, *args, "--break-lock"]) == 0
-    _assert_same_tables(data, want)
+    assert_same_tables(data, want, "rerun against uninterrupted")
     if stage == "score":   # the committed chunk was kept, not scored again
         logs = "".join(p.read_text() for p in (wh / "_logs" / DATASET).glob("*-score.log"))
         assert "resume: chunk=00000 already committed, skipping" in logs
@@ -195,7 +126,7 @@ def test_a_replace_killed_between_its_two_moves_leaves_nothing_a_reader_sees(spa
     monkeypatch.undo()
     table = Path(cfg.table_path("ratings"))
     assert moves == [str(table / "run_date=d2") if partitioned else str(table)]   # the old copy, moved aside
-    assert _visible(table.parent) == ({"ratings", "ratings/run_date=d1"} if partitioned else set())
+    assert visible(table.parent) == ({"ratings", "ratings/run_date=d1"} if partitioned else set())
 
     warehouse.write_table(again, cfg, "ratings", schema, partition_by=by)   # the stage run again
     got = read_frame(table)

@@ -35,8 +35,10 @@ TABLES = ["interactions", "items", "item_embeddings", "topics", "item_topics", "
           "metrics", "arrived_interactions", "arrived_items", "night_rejects"]
 
 
-def _overrides(warehouse: Path, arrivals: Path, candidates: Path) -> list[str]:
-    return [f"warehouse={warehouse}", f"nightly.arrivals={arrivals}/{{run_date}}",
+def _overrides(warehouse: Path, arrivals: Path, candidates: Path, model: Path) -> list[str]:
+    """The nights score with a tiny random model in fp32: what is tested is the chain (what a
+    night touches, resumes and writes), and a rating still moves when its prompt does."""
+    return [f"warehouse={warehouse}", f"nightly.arrivals={arrivals}/{{run_date}}", f"score.model={model}",
             f"nightly.candidates={candidates}", "nightly.report=false", "calibrate.enabled=false",
             "score.dtype=float32", "score.partitions=2", "evaluate.baselines=[global_mean,bias]",
             "spark.master=local[2]"]
@@ -47,7 +49,7 @@ def _read(warehouse: Path, table: str) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def nights(spark, ml100k, tmp_path_factory):
+def nights(spark, ml100k, tmp_path_factory, long_tiny_model):
     """Arrival folders, then night 1 and night 2 in one warehouse; a copy taken after night 1."""
     cfg100, _ = ml100k
     src = Path(cfg100.warehouse) / "ml-100k"
@@ -70,12 +72,12 @@ def nights(spark, ml100k, tmp_path_factory):
         first.set_index(["user_id", "item_id"]).index)]
     cands.to_parquet(root / "candidates.parquet")
     wh = root / "wh"
-    cfg = load_config(overrides=_overrides(wh, root / "arrivals", root / "candidates.parquet"))
+    cfg = load_config(overrides=_overrides(wh, root / "arrivals", root / "candidates.parquet", long_tiny_model))
     one = nightly.run_night(spark, cfg, NIGHT1)
     shutil.copytree(wh, root / "after-night1")
     with_report = dataclasses.replace(cfg, nightly=dataclasses.replace(cfg.nightly, report=True))
     two = nightly.run_night(spark, with_report, NIGHT2)
-    return {"root": root, "cfg": cfg, "wh": wh, "one": one, "two": two, "night2": night2,
+    return {"root": root, "cfg": cfg, "model": long_tiny_model, "wh": wh, "one": one, "two": two, "night2": night2,
             "cands": cands, "quiet": quiet, "arriving": arriving}
 
 
@@ -176,7 +178,8 @@ def test_a_killed_night_resumes_with_the_same_tables(spark, nights, capsys):
     root = nights["root"]
     wh = root / "killed"
     shutil.copytree(root / "after-night1", wh)
-    args = ["nightly", "--run-date", NIGHT2, *_overrides(wh, root / "arrivals", root / "candidates.parquet")]
+    args = ["nightly", "--run-date", NIGHT2,
+            *_overrides(wh, root / "arrivals", root / "candidates.parquet", nights["model"])]
     marker = wh / "ml-100k" / "_nightly" / NIGHT2 / "embed.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "SIREN_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen([sys.executable, "-m", "siren_batch.cli", *args], cwd=REPO, env=env,
