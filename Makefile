@@ -55,7 +55,8 @@ test: model browser
 	$(PY) -m pytest -q --durations=15 -m "not vllm and not faults and not bench and not slow" tests
 	$(MAKE) test-vllm
 
-# A Spark standalone master + two workers on 127.0.0.1 run the demo's chain (make test runs it too).
+# A Spark standalone master + two workers on 127.0.0.1 run the tiny chain (make test runs it too)
+# and the demo's chain on MovieLens-100K (the `slow` test: only here).
 test-cluster: model
 	$(PY) -m pytest -q -m cluster tests
 

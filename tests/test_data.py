@@ -41,22 +41,24 @@ def python_kcore(df: pd.DataFrame, k: int) -> pd.DataFrame:
         df = df[ok]
 
 
-def test_movielens100k_full(spark, tmp_path):
+@pytest.mark.integration   # reads the session's ml-100k chain
+def test_movielens100k_full(ml100k):
+    """The ingest stage of the session's ml-100k chain (conftest.ml100k) against pandas."""
+    cfg, summaries = ml100k
     folder = assets.movielens_dir("ml-100k")
     raw = pd.read_csv(folder / "ml-100k.inter", sep="\t", dtype=str, quoting=3)
     raw.columns = ["user_id", "item_id", "rating", "ts"]
     n_items = sum(1 for _ in open(folder / "ml-100k.item")) - 1
     core = python_kcore(raw, 5)
 
-    result = ingest(spark, conf(tmp_path, "dataset=ml-100k"))
-    c = result.counts
+    c = summaries["ingest"]
     assert (c["input_interactions"], c["users"], c["input_items"]) == (len(raw), raw.user_id.nunique(), n_items)
     assert c["kept_items"] == n_items and c["kept_interactions"] == len(core)
     assert c["rejected_interactions_kcore"] == len(raw) - len(core) and reconciled(c)
-    assert result.interactions.columns == schemas.INTERACTIONS.fieldNames()
-    assert result.items.columns == schemas.ITEMS.fieldNames()
+    got, items = (pd.read_parquet(cfg.table_path(name)) for name in ("interactions", "items"))
+    assert list(got.columns) == schemas.INTERACTIONS.fieldNames() and len(got) == len(core)
+    assert list(items.columns) == schemas.ITEMS.fieldNames() and len(items) == n_items
 
-    got = collect(result.interactions)
     per_user = got.groupby("user_id").split.value_counts().unstack(fill_value=0)
     assert (per_user["valid"] == 1).all() and (per_user["test"] == 1).all()
     latest = got.sort_values(["ts", "item_id"]).groupby("user_id").tail(1)
@@ -64,7 +66,7 @@ def test_movielens100k_full(spark, tmp_path):
     expected_ts = core.assign(ts=core.ts.astype("int64") * 1000).groupby("user_id").ts.max()
     assert (latest.set_index("user_id").ts.sort_index() == expected_ts.sort_index()).all()
 
-    toy = collect(result.items.where("item_id = '1'")).iloc[0]
+    toy = items[items.item_id == "1"].iloc[0]
     assert (toy.title, toy.genres) == ("Toy Story (1995)", "Animation|Children's|Comedy")
     assert toy.text == "Toy Story (1995). Genres: Animation, Children's, Comedy"
 

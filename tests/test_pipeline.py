@@ -78,10 +78,12 @@ def test_ml100k_chain(spark, ml100k):
     t = _check_chain(spark, cfg, summaries)
     assert summaries["topics"]["topics"] == cfg.topics.k
     assert len(set(summaries["topics"]["names"])) == cfg.topics.k
-    # Sketch prompts are much shorter than raw-history prompts on the same pairs.
+    # Both variants for every valid and test pair, and sketch prompts much shorter than raw-history
+    # prompts on the same pairs (ml-100k users average ~100 ratings: ~500 tokens against ~2,400).
     p = t["prompts"][t["prompts"]["mode"] == "answer_only"].pivot_table(
         index=["user_id", "item_id"], columns="variant", values="prompt_tokens")
-    assert (p["sketch"].mean() / p["raw"].mean()) < 0.8
+    assert len(p) == (t["interactions"].split != "train").sum() and p.notna().all().all()
+    assert (p["sketch"].mean() / p["raw"].mean()) < 0.6
 
 
 def test_siren_movies_chain_keeps_the_release_split(spark, movies):
@@ -145,12 +147,12 @@ def _candidates(spark, tmp_path, inter: pd.DataFrame) -> tuple[str, int]:
     return path, len(rows)
 
 
-def test_score_nightly_candidates_rerun_and_resume(spark, ml100k, tmp_path, monkeypatch):
+def test_score_nightly_candidates_rerun_and_resume(spark, ml100k, tmp_path, monkeypatch, long_tiny_model):
     base, _ = ml100k
     inter = read_table(spark, base, "interactions", schemas.INTERACTIONS).toPandas()
     path, n = _candidates(spark, tmp_path, inter)
     cfg = load_config(overrides=[f"warehouse={base.warehouse}", "calibrate.enabled=false", f"score.candidates={path}",
-                                 "score.run_date=2026-01-01", "score.chunk_rows=4"])
+                                 "score.run_date=2026-01-01", "score.chunk_rows=4", f"score.model={long_tiny_model}"])
 
     # A crash in the middle: the first committed chunks survive in staging.
     from siren_batch import scoring

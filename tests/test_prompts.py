@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 from siren_batch import prompts as P
 from siren_batch import schemas
 from siren_batch.assets import resolve_llm
-from siren_batch.config import PromptsConfig, SketchesConfig
+from siren_batch.config import PromptsConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -173,20 +173,3 @@ def test_raw_variant_uses_only_earlier_history(spark):
     assert all("Heat, 3.0" in r.prompt and "Alien" not in r.prompt for r in last_one)
     with pytest.raises(ValueError, match="history"):
         P.build_prompts(_pairs(spark), _items(spark), cfg, 4.0)
-
-
-def test_ml100k_sketch_prompts_are_shorter_than_raw(spark):
-    from test_sketches import _ml100k
-
-    from siren_batch.sketches import example_sketches
-
-    raw, (inter, items, item_topics, topics) = _ml100k(spark)
-    cfg = SketchesConfig(recent_n=10, example_splits=["test"])
-    pairs = example_sketches(inter, items, item_topics, topics, cfg).where("cast(user_id as int) % 5 = 0")
-    out = P.build_prompts(pairs, items, PromptsConfig(variants=["sketch", "raw"], modes=["answer_only"]),
-                          4.0, inter)
-    tokens = {r.variant: r.mean for r in out.groupBy("variant").agg(F.avg("prompt_tokens").alias("mean")).collect()}
-    n_pairs = pairs.count()
-    assert n_pairs == raw[raw["split"] == "test"]["user_id"].astype(int).mod(5).eq(0).sum()
-    assert out.count() == 2 * n_pairs
-    assert tokens["sketch"] < 0.6 * tokens["raw"]  # ml-100k users average ~100 ratings
