@@ -97,7 +97,26 @@ def test_a_split_label_row_counts_once_in_the_scaler():
 
 # ---- the Spark edge ---------------------------------------------------------------------
 
-def _warehouse(spark, cfg):
+@pytest.fixture(scope="module")
+def small_warehouse(spark, tmp_path_factory):
+    """_write_warehouse's tables, written once per module (~10 s of Spark jobs for 240 rows):
+    (the warehouse folder, its interaction rows). Each test copies the folder (_warehouse)."""
+    from siren_batch.config import load_config
+
+    folder = tmp_path_factory.mktemp("calibrate-wh")
+    return folder, _write_warehouse(spark, load_config(overrides=[f"warehouse={folder}"]))
+
+
+def _warehouse(small_warehouse, cfg) -> list[tuple]:
+    """A copy of small_warehouse at cfg.warehouse (default dataset); its interaction rows."""
+    import shutil
+
+    folder, rows = small_warehouse
+    shutil.copytree(folder, cfg.warehouse)
+    return rows
+
+
+def _write_warehouse(spark, cfg):
     """40 users x 6 items: 4 train ratings each, then a valid and a test one; topics trivial."""
     from siren_batch import schemas
     from siren_batch.config import SketchesConfig
@@ -147,7 +166,7 @@ def _ratings(spark, cfg, rows, split, run_date, model_id="smollm2-135m-instruct"
     write_table(frame, cfg, "ratings", schemas.RATINGS, partition_by=["run_date"])
 
 
-def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_path):
+def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_path, small_warehouse):
     from pyspark.sql import functions as F
 
     from siren_batch import schemas
@@ -159,7 +178,7 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
                                  "calibrate.folds=2", "calibrate.run_date=2026-01-01",
                                  "calibrate.apply_run_date=2026-01-02", "evaluate.als_ranks=[2]",
                                  "evaluate.als_reg_params=[0.1]", "evaluate.als_max_iter=3"])
-    rows = _warehouse(spark, cfg)
+    rows = _warehouse(small_warehouse, cfg)
     _ratings(spark, cfg, rows, "valid", "2026-01-01")
     _ratings(spark, cfg, rows, "test", "2026-01-02")
     summary = calibrate(spark, cfg)
@@ -203,7 +222,7 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
     assert len(frame) == 12 and frame["label"].notna().all()
 
 
-def test_valid_features_reuse_the_tuned_als_fit(spark, tmp_path):
+def test_valid_features_reuse_the_tuned_als_fit(spark, tmp_path, small_warehouse):
     """The valid split's ALS column is the grid search's own fit, not a refit: the same
     numbers as a refit with the chosen (rank, reg)."""
     from siren_batch.config import load_config
@@ -211,7 +230,7 @@ def test_valid_features_reuse_the_tuned_als_fit(spark, tmp_path):
 
     cfg = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", "evaluate.als_ranks=[2]",
                                  "evaluate.als_reg_params=[0.1]", "evaluate.als_max_iter=3"])
-    _warehouse(spark, cfg)
+    _warehouse(small_warehouse, cfg)
     tuned, params = split_features(spark, cfg, "valid")
     refit, same = split_features(spark, cfg, "valid", params)
     assert same == params == (2, 0.1)
@@ -241,7 +260,8 @@ def test_answer_states_are_the_last_position_whatever_the_batch(long_tiny_model)
     np.testing.assert_allclose(states[0], alone[0], atol=1e-5)
 
 
-def test_train_probe_fits_on_valid_and_writes_a_scored_partition(spark, tmp_path, long_tiny_model):
+def test_train_probe_fits_on_valid_and_writes_a_scored_partition(spark, tmp_path, long_tiny_model,
+                                                                   small_warehouse):
     from pyspark.sql import functions as F
 
     from siren_batch import schemas
@@ -253,7 +273,7 @@ def test_train_probe_fits_on_valid_and_writes_a_scored_partition(spark, tmp_path
                                  f"score.model={long_tiny_model}", "score.device=cpu", "calibrate.folds=2",
                                  "probe.dtype=float32", "probe.run_date=2026-02-01", "evaluate.als_ranks=[2]",
                                  "evaluate.als_reg_params=[0.1]", "evaluate.als_max_iter=3"])
-    _warehouse(spark, cfg)
+    _warehouse(small_warehouse, cfg)
     summary = train_probe(spark, cfg)
     assert summary["valid_rows"] == 40 and summary["scored"] == 40 and summary["layers"] == [2, 1]
     assert (tmp_path / "cal" / "probe" / "calibrator.pkl").exists()
@@ -263,12 +283,12 @@ def test_train_probe_fits_on_valid_and_writes_a_scored_partition(spark, tmp_path
         assert abs(sum(r.probs) - 1) < 1e-9 and 1 <= r.rating <= 5 and r.rating_argmax == 1 + int(np.argmax(r.probs))
 
 
-def test_candidate_features_cover_unknown_users_and_items(spark, tmp_path):
+def test_candidate_features_cover_unknown_users_and_items(spark, tmp_path, small_warehouse):
     from siren_batch.config import load_config
     from siren_batch.features import candidate_features
 
     cfg = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", "evaluate.als_max_iter=3"])
-    rows = _warehouse(spark, cfg)
+    rows = _warehouse(small_warehouse, cfg)
     pairs = spark.createDataFrame([("u1", "i2"), ("u1", "i2"), ("u1", "i99"), ("nobody", "i3")], ["user_id", "item_id"])
     out = {(r.user_id, r.item_id): r for r in candidate_features(spark, cfg, pairs, (2, 0.1)).collect()}
     assert len(out) == 3                                   # one lookup row per distinct pair
