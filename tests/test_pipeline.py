@@ -206,16 +206,16 @@ def test_score_staging_resumes_only_the_same_candidates(spark, tmp_path):
 
 
 def test_score_and_evaluate_test_split_sample(spark, ml100k_scored):
-    cfg, summary, result = ml100k_scored   # 12 test pairs scored, then evaluated against four baselines
+    cfg, summary, result = ml100k_scored   # 12 test pairs scored, then evaluated against three baselines
     assert summary["rows"] == 12 and summary["errors"] == 0
     metrics = read_table(spark, cfg, "metrics", schemas.METRICS).toPandas()
     mine = metrics[metrics.eval_id == result["eval_id"]]
     llm = "llm:smollm2-135m-instruct"
     assert set(mine.system) == {llm, f"{llm}/median", f"{llm}/argmax", "baseline:global_mean", "baseline:user_mean",
-                                "baseline:bias", "baseline:als"}
+                                "baseline:bias"}
     nll = mine[mine.metric == "nll"]
     assert list(nll.system) == [llm] and nll.value.iloc[0] > 0 and nll.n.iloc[0] == 12
     cov = mine[(mine.metric == "coverage") & (mine.segment == "all")]
     assert (cov.value == 1.0).all() and (cov.n == 12).all()
     report = (pd.io.common.Path(cfg.table_path("reports")) / "latest.md").read_text()
-    assert "llm:smollm2-135m-instruct" in report and "baseline:als" in report
+    assert "llm:smollm2-135m-instruct" in report and "baseline:user_mean" in report
