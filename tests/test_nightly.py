@@ -77,7 +77,7 @@ def nights(spark, ml100k, tmp_path_factory, long_tiny_model):
     shutil.copytree(wh, root / "after-night1")
     with_report = dataclasses.replace(cfg, nightly=dataclasses.replace(cfg.nightly, report=True))
     two = nightly.run_night(spark, with_report, NIGHT2)
-    return {"root": root, "cfg": cfg, "model": long_tiny_model, "wh": wh, "one": one, "two": two, "night2": night2,
+    return {"root": root, "cfg": cfg, "wh": wh, "one": one, "two": two, "night2": night2,
             "cands": cands, "quiet": quiet, "arriving": arriving}
 
 
@@ -174,12 +174,12 @@ def test_rerunning_a_night_changes_nothing(spark, nights):
         nightly.run_night(spark, nights["cfg"], NIGHT1)
 
 
-def test_a_killed_night_resumes_with_the_same_tables(spark, nights, capsys):
+def test_a_killed_night_resumes_with_the_same_tables(spark, nights, long_tiny_model, capsys):
     root = nights["root"]
     wh = root / "killed"
     shutil.copytree(root / "after-night1", wh)
     args = ["nightly", "--run-date", NIGHT2,
-            *_overrides(wh, root / "arrivals", root / "candidates.parquet", nights["model"])]
+            *_overrides(wh, root / "arrivals", root / "candidates.parquet", long_tiny_model)]
     marker = wh / "ml-100k" / "_nightly" / NIGHT2 / "embed.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "SIREN_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen([sys.executable, "-m", "siren_batch.cli", *args], cwd=REPO, env=env,
