@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from siren_batch.backends.device import is_cuda
 from siren_batch.bench_score import ANSWER_ONLY_SUFFIX, SHARED_MOVIES, real_prompts
 from siren_batch.config import ScoreConfig
 from siren_batch.profiling import matmul_peak_flops, sync, write_results
@@ -93,8 +94,8 @@ def bench_shape(shape: str, tokenizer, texts: list[str], groups: list[str], devi
     rows, probs = {}, {}
     for name, overrides in paths.items():
         backend.cfg = dataclasses.replace(backend.cfg, **overrides)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        if is_cuda(device):
+            torch.cuda.reset_peak_memory_stats(device)
         before = dict(backend.stats)
         sync(device)
         start = time.perf_counter()
@@ -108,8 +109,8 @@ def bench_shape(shape: str, tokenizer, texts: list[str], groups: list[str], devi
                       "tflops": round(2 * nonembed * tokens / seconds / 1e12, 2),
                       "errors": sum(r.error is not None for r in results)}
         rows[name]["pct_of_peak"] = round(100 * rows[name]["tflops"] / peak, 1)
-        if device == "cuda":
-            rows[name]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if is_cuda(device):
+            rows[name]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         logger.info("%s %s: %s", shape, name, rows[name])
     seconds, pairs, tokens = _raw_forward(backend, texts)
     rows["raw_forward_256"] = {"pairs_per_s": round(pairs / seconds, 1), "seconds": round(seconds, 3),
@@ -122,7 +123,7 @@ def bench_shape(shape: str, tokenizer, texts: list[str], groups: list[str], devi
     if cot:
         cot["cot_vs_best_answer_only"] = round(cot["seconds_per_pair"] * best, 1)
     del backend, model
-    if device == "cuda":
+    if is_cuda(device):
         torch.cuda.empty_cache()
     return {"params_nonembed": nonembed, "paths": rows, "cot": cot, "before_h100": BEFORE_H100.get(shape)}
 

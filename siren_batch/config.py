@@ -37,6 +37,16 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _is_device(device: str) -> bool:
+    """auto, cpu, cuda, or cuda:N (one GPU of several; on a cluster with GPU scheduling the
+    scoring and embedding tasks take the GPU Spark gives them).
+
+    >>> [_is_device(d) for d in ("auto", "cuda:1", "cuda:", "tpu")]
+    [True, True, False, False]
+    """
+    return device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+
+
 @dataclass
 class SparkConfig:
     master: str = "local[*]"          # local[*], spark://host:7077, yarn, k8s://...
@@ -109,12 +119,12 @@ class EmbedConfig:
     batch_size: int = 64              # texts per encoder call
     max_seq_length: int = 256         # tokens; longer item texts are truncated
     normalize: bool = True            # unit-length vectors (cosine K-means)
-    device: str = "auto"              # auto | cpu | cuda
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
     torch_threads: int = 0            # CPU: torch intra-op threads per task; 0 = spark.task.cpus
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "embed.batch_size must be > 0")
-        _require(self.device in ("auto", "cpu", "cuda"), "embed.device must be auto, cpu or cuda")
+        _require(_is_device(self.device), "embed.device must be auto, cpu, cuda or cuda:N")
         _require(self.torch_threads >= 0, "embed.torch_threads must be >= 0 (0 = spark.task.cpus)")
 
 
@@ -187,7 +197,7 @@ class ScoreConfig:
     shared_prefix_min_tokens: int = 32  # shared prefixes shorter than this run as plain batches (no gain)
     torch_threads: int = 0            # transformers on CPU: torch intra-op threads per task; 0 = spark.task.cpus
     partitions: int = 0               # scoring tasks (users are hashed over them); 0 = Spark's default parallelism
-    device: str = "auto"              # auto | cpu | cuda
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
     dtype: str = "auto"               # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | float32 | bfloat16 | float16
     max_new_tokens: int = 512         # cot mode only
     chunk_rows: int = 20000           # rows per committed chunk; a crashed run resumes at chunk level
@@ -200,7 +210,7 @@ class ScoreConfig:
         _require(self.backend in ("transformers", "vllm"), "score.backend must be transformers or vllm")
         _require(self.mode in ("answer_only", "cot"), "score.mode must be answer_only or cot")
         _require(self.variant in ("sketch", "recent", "raw"), "score.variant must be sketch, recent or raw")
-        _require(self.device in ("auto", "cpu", "cuda"), "score.device must be auto, cpu or cuda")
+        _require(_is_device(self.device), "score.device must be auto, cpu, cuda or cuda:N")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  "score.dtype must be auto, float32, bfloat16 or float16")
         _require(self.batch_size > 0 and self.batch_tokens > 0 and self.chunk_rows > 0,
@@ -320,7 +330,7 @@ class TrainConfig:
     progress_every_s: float = 30.0    # seconds between progress log lines
     max_minutes: float | None = None  # wall-time budget of one invocation: stop after the step that crosses it
                                       # (valid evaluation, checkpoint); the next invocation continues the run
-    device: str = "auto"              # auto | cpu | cuda
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
     dtype: str = "auto"               # auto (bf16 autocast on GPU and on CPUs with bf16) | float32 | bfloat16
     torch_threads: int = 0            # CPU: torch intra-op threads; 0 = torch default
     seed: int = 42
@@ -330,7 +340,7 @@ class TrainConfig:
         _require(self.loss in ("ce", "mse", "both"), "train.loss must be ce, mse or both")
         _require(self.target in ("rating", "residual"), "train.target must be rating or residual")
         _require(self.variant in ("sketch", "recent", "raw"), "train.variant must be sketch, recent or raw")
-        _require(self.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda")
+        _require(_is_device(self.device), "train.device must be auto, cpu, cuda or cuda:N")
         _require(self.schedule in ("linear", "constant"), "train.schedule must be linear or constant")
         _require(self.dtype in ("auto", "float32", "bfloat16"), "train.dtype must be auto, float32 or bfloat16")
         _require(self.batch_size > 0 and self.grad_accum > 0 and self.lr > 0 and self.epochs > 0,

@@ -20,7 +20,7 @@ from pyspark.sql import DataFrame
 from siren_batch import assets, model_cache, schemas
 from siren_batch.backends.device import pick_device
 from siren_batch.config import EmbedConfig
-from siren_batch.spark import task_threads
+from siren_batch.spark import task_config, task_threads
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def load_encoder(cfg: EmbedConfig):
     from sentence_transformers import SentenceTransformer
 
     path = assets.resolve_encoder(cfg.model)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device)   # already cuda:N when Spark gave the task a GPU (make_encode_fn)
     model = SentenceTransformer(path, device=device)
     model.max_seq_length = cfg.max_seq_length
     # sentence-transformers 6 renamed get_sentence_embedding_dimension; accept both.
@@ -44,10 +44,12 @@ def make_encode_fn(cfg: EmbedConfig) -> Callable[[list[str]], np.ndarray]:
     """Return `encode(texts) -> float32 array (n, dims)`; the model loads on first call
     and stays cached in this Python process. On CPU, cfg.torch_threads (when > 0) is set
     on every call: a worker process may have run another stage's model in between."""
-    key = f"encoder:{cfg.model}:{cfg.device}:{cfg.max_seq_length}"
+    on_task_gpu = task_config(cfg)   # on a cluster with GPU scheduling: the task's own GPU
 
     def encode(texts: list[str]) -> np.ndarray:
-        model = model_cache.get_or_load(key, lambda: load_encoder(cfg))
+        task_cfg = on_task_gpu()
+        key = f"encoder:{task_cfg.model}:{task_cfg.device}:{task_cfg.max_seq_length}"
+        model = model_cache.get_or_load(key, lambda: load_encoder(task_cfg))
         if cfg.torch_threads and model.device.type == "cpu":
             import torch
 

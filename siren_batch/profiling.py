@@ -25,7 +25,7 @@ def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def matmul_peak_flops(dtype: str = "float32", device: str = "cpu", n: int = 2048, repeats: int = 5,

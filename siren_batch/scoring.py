@@ -19,7 +19,7 @@ from siren_batch.assets import resolve_llm
 from siren_batch.backends import (SCALE, Backend, ScoreResult, ScoringError, load_backend,
                                   readout_median)
 from siren_batch.config import ScoreConfig
-from siren_batch.spark import task_threads
+from siren_batch.spark import task_config, task_threads
 from siren_batch.timers import StageTimers
 
 if TYPE_CHECKING:
@@ -85,11 +85,12 @@ def make_predict_fn(cfg: ScoreConfig, timers: StageTimers | None = None
     # executors running the shipped zip cannot locate (on a cluster it must sit on storage
     # every executor reaches, or be a hub id).
     cfg = dataclasses.replace(cfg, model=resolve_llm(cfg.model))
-    key = backend_key(cfg)
     timers = timers or StageTimers()
+    on_task_gpu = task_config(cfg)   # on a cluster with GPU scheduling: the task's own GPU
 
     def predict(batch: "pd.DataFrame") -> "pd.DataFrame":
-        backend = model_cache.get_or_load(key, lambda: load_backend(cfg))
+        task_cfg = on_task_gpu()
+        backend = model_cache.get_or_load(backend_key(task_cfg), lambda: load_backend(task_cfg))
         prompts = [p if isinstance(p, str) else "" for p in batch["prompt"]]  # null -> empty_prompt row
         stats = getattr(backend, "stats", {})
         encoded, start = stats.get("encode_s", 0.0), time.perf_counter()

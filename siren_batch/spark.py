@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from siren_batch import console
+from siren_batch.backends.device import gpu_ordinal, on_gpu
 from siren_batch.config import ConfigError, SparkConfig
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,31 @@ def task_threads(configured: int, spark) -> int:
     """Torch threads for one task: `configured` (a stage's torch_threads), or spark.task.cpus
     when it is 0."""
     return configured or task_cpus(spark)
+
+
+def task_gpu() -> int | None:
+    """Torch's number for the GPU Spark gave the running task (spark.task.resource.gpu.amount,
+    conf/cluster.yaml); None on the driver, in local mode and without GPU scheduling. On a
+    worker with several GPUs this is what keeps each executor's model on its own GPU."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    gpus = context.resources().get("gpu") if context is not None else None
+    return gpu_ordinal(gpus.addresses) if gpus is not None and gpus.addresses else None
+
+
+def task_config(cfg):
+    """`config()` -> `cfg` (a stage config with a `device`) on the GPU Spark gave the running
+    task (backends.device.on_gpu), for a loader closure: worked out once per GPU, not per batch."""
+    configs = {}
+
+    def config():
+        gpu = task_gpu()
+        if gpu not in configs:
+            configs[gpu] = on_gpu(cfg, gpu)
+        return configs[gpu]
+
+    return config
 
 
 def driver_java_options(cfg: SparkConfig) -> str:

@@ -88,12 +88,18 @@ def cluster(tmp_path_factory):
         pytest.fail(f"port {MASTER_PORT} is in use: stop the Spark master running there first")
     home = Path(pyspark.__file__).parent
     root = tmp_path_factory.mktemp("cluster")
+    # Each worker offers two GPUs to applications that ask for them (conf/cluster.yaml's resource
+    # settings); this machine has none, so a discovery script names them.
+    gpus = root / "gpus.sh"
+    gpus.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n')
+    gpus.chmod(0o755)
     # Every JVM of the cluster (master, workers, the submitted driver, the executors the workers
     # start) without the C2 compiler: six JVMs on two cores spent more on compiling than on the
     # chain (the test's call: 376 s with C2, 254 s without, same machine, one run each).
     env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1",
            "SPARK_LOG_DIR": str(root / "logs"), "PYSPARK_PYTHON": sys.executable,
-           "JAVA_TOOL_OPTIONS": "-XX:TieredStopAtLevel=1"}
+           "JAVA_TOOL_OPTIONS": "-XX:TieredStopAtLevel=1",
+           "SPARK_WORKER_OPTS": f"-Dspark.worker.resource.gpu.amount=2 -Dspark.worker.resource.gpu.discoveryScript={gpus}"}
     spark_class = str(home / "bin" / "spark-class")
     ui_port = _free_port()
     procs: list[subprocess.Popen] = []
@@ -120,13 +126,14 @@ def cluster(tmp_path_factory):
         _stop(procs)
 
 
-def _submit(cluster: dict, job: str, warehouse: Path, *overrides: str, timeout: int = 1500
+def _submit(cluster: dict, job: str, warehouse: Path, *overrides: str, timeout: int = 1500, extra: str = ""
             ) -> subprocess.CompletedProcess:
     """spark-submit `job` to the cluster (ml-100k unless `overrides` name another dataset), the
-    package shipped as README says; the output goes to <cluster root>/<job>.log as well."""
+    package shipped as README says; the output goes to <cluster root>/<job>.log as well.
+    `extra`: more Spark settings, `key: value, ...`."""
     submit = str(Path(cluster["env"]["SPARK_HOME"]) / "bin" / "spark-submit")
     first = ["dataset=ml-100k", "calibrate.enabled=false"]
-    last = [f"warehouse={warehouse}", f"spark.master={MASTER}", "spark.extra={spark.executor.memory: 2g}"]
+    last = [f"warehouse={warehouse}", f"spark.master={MASTER}", f"spark.extra={{spark.executor.memory: 2g, {extra}}}"]
     env = {**cluster["env"], "PYSPARK_DRIVER_PYTHON": sys.executable}
     run = subprocess.run([submit, "--master", MASTER, "--py-files", "dist/siren_batch.zip", f"jobs/{job}.py",
                           *first, *overrides, *last], cwd=REPO, env=env, capture_output=True, text=True,
@@ -142,13 +149,19 @@ def _executors_on_both_workers(cluster: dict) -> bool:
 
 def test_the_tiny_chain_on_a_standalone_cluster_equals_local_mode(tiny_chain, cluster, tmp_path):
     root, args = tiny_chain   # the same overrides (its warehouse and master replaced), one spark-submit
-    run = _submit(cluster, "run_all", tmp_path / "cluster", *args)
+    # With GPU executors as conf/cluster.yaml asks for them: one GPU per executor, one per task.
+    run = _submit(cluster, "run_all", tmp_path / "cluster", *args,
+                  extra="spark.executor.resource.gpu.amount: '1', spark.task.resource.gpu.amount: '1'")
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     remote = tmp_path / "cluster" / TINY_DATASET
     assert_same_tables(remote, root / "evaluate" / TINY_DATASET, "cluster against local")
     scored = pd.read_parquet(remote / "ratings")
     assert len(scored) == 12 and scored.error.isna().all()
     assert _executors_on_both_workers(cluster), "an executor never started on a worker"
+    # Each embedding and scoring task read the GPU Spark gave it (auto would put the model there;
+    # this machine's torch has no CUDA, so it says so and stays on the CPU).
+    told = [path.read_text() for path in cluster["root"].glob("worker*/app-*/*/stderr")]
+    assert any("Spark gave this task GPU" in text for text in told), "no task saw its GPU"
 
 
 @pytest.mark.slow   # make test-cluster: about three minutes of six JVMs on two cores

@@ -116,6 +116,61 @@ def test_pick_device():
     assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _gpus(monkeypatch, count: int) -> None:
+    """torch as a machine with `count` visible GPUs shows it to pick_device."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_a_task_gpu_puts_the_model_on_that_gpu(monkeypatch, caplog):
+    from siren_batch.backends.device import on_gpu, pick_device
+    from siren_batch.config import ScoreConfig
+
+    _gpus(monkeypatch, 2)
+    assert [pick_device(d, 1) for d in ("auto", "cuda", "cpu", "cuda:0")] == ["cuda:1", "cuda:1", "cpu", "cuda:0"]
+    assert pick_device("auto", None) == "cuda"
+    with pytest.raises(ValueError, match="GPU address 2, but this process sees 2 GPU"):
+        pick_device("auto", 2)
+    # The stage's config moves to the task's GPU, so the model cache keys it apart, and is validated again.
+    assert on_gpu(CFG, 1) == CFG       # device=cpu stays
+    moved = on_gpu(EmbedConfig(), 1)
+    assert moved.device == "cuda:1" and on_gpu(EmbedConfig(), None) == EmbedConfig()
+    from siren_batch.scoring import backend_key
+
+    assert backend_key(on_gpu(ScoreConfig(), 0)) != backend_key(on_gpu(ScoreConfig(), 1))
+    _gpus(monkeypatch, 0)    # GPUs scheduled, but a CPU build of torch: auto runs on the CPU and says why
+    with caplog.at_level("WARNING", logger="siren_batch.backends.device"):
+        assert pick_device("auto", 1) == "cpu"
+    assert "torch sees no CUDA device" in caplog.text
+
+
+def test_spark_gpu_addresses_follow_sparks_own_convention():
+    from siren_batch.backends.device import gpu_ordinal
+
+    assert gpu_ordinal(["3", "5"]) == 3
+    for bad in ([], ["GPU-8f2c"], ["01"]):
+        with pytest.raises(ValueError, match="not GPU indices"):
+            gpu_ordinal(bad)
+
+
+def test_a_local_mode_task_has_no_gpu_and_keeps_its_device(spark):
+    from siren_batch.spark import task_gpu
+
+    assert task_gpu() is None       # the driver
+    assert spark.sparkContext.parallelize([0], 1).map(lambda _: task_gpu()).collect() == [None]
+
+
+def test_device_names_in_config():
+    from siren_batch.config import ScoreConfig, TrainConfig
+
+    assert ScoreConfig(device="cuda:1").device == "cuda:1" and TrainConfig(device="cuda:0").device == "cuda:0"
+    for bad in ("cuda:", "cuda:x", "gpu"):
+        with pytest.raises(ValueError, match="score.device must be auto, cpu, cuda or cuda:N"):
+            ScoreConfig(device=bad)
+
+
 def test_embed_config_rejects_bad_device():
     with pytest.raises(ValueError, match="embed.device"):
         EmbedConfig(device="tpu")

@@ -3,17 +3,95 @@ small torch-side choices shared by the scoring backends and the benchmarks."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import re
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 
-def pick_device(device: str) -> str:
-    """`auto` -> cuda when a GPU is visible, else cpu; anything else unchanged (scoring,
-    training and embedding all choose here)."""
-    if device != "auto":
+# Where the GPUs the process started with are kept once narrow_visible_gpus has narrowed
+# CUDA_VISIBLE_DEVICES ("" = it was unset), so a later task's GPU is still found in them.
+STARTED_WITH = "SIREN_CUDA_VISIBLE_DEVICES_AT_START"
+
+
+def is_cuda(device: str) -> bool:
+    """Whether `device`, as torch names it, is a GPU.
+
+    >>> is_cuda("cuda"), is_cuda("cuda:1"), is_cuda("cpu")
+    (True, True, False)
+    """
+    return device == "cuda" or device.startswith("cuda:")
+
+
+def pick_device(device: str, gpu: int | None = None) -> str:
+    """`auto` -> cuda when a GPU is visible, else cpu (scoring, training and embedding all
+    choose here). `gpu`, the GPU Spark gave the running task (spark.task_gpu), makes auto and
+    cuda that GPU, `cuda:<gpu>`; cpu and an explicit cuda:N stay as they are."""
+    if device not in ("auto", "cuda"):
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        if gpu is not None and device == "auto":
+            logger.warning("Spark gave this task GPU %d, but torch sees no CUDA device (a CPU build of torch "
+                           "on the executors?): running on cpu", gpu)
+        return "cpu" if device == "auto" else device
+    if gpu is None:
+        return "cuda"
+    seen = torch.cuda.device_count()
+    if gpu >= seen:
+        raise ValueError(f"Spark gave this task GPU address {gpu}, but this process sees {seen} GPU(s) "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): the "
+                         "discovery script's addresses must index the GPUs the executor sees")
+    return f"cuda:{gpu}"
+
+
+def on_gpu(cfg, gpu: int | None):
+    """A stage config (a dataclass with `device`) on `gpu`, the GPU Spark gave the running task
+    (spark.task_gpu): auto and cuda become cuda:<gpu>, so a worker's model sits on its own
+    task's GPU and its model-cache key names it. Without one, `cfg` itself."""
+    return cfg if gpu is None else dataclasses.replace(cfg, device=pick_device(cfg.device, gpu))
+
+
+def gpu_ordinal(addresses: list[str]) -> int:
+    """Torch's number for the first of the GPU addresses Spark gave a task. Spark's own
+    convention (pyspark/ml/torch/distributor.py, `_get_gpus_owned`): an address is an integer;
+    with CUDA_VISIBLE_DEVICES set it indexes that list, else it is the GPU's index. Torch numbers
+    the visible GPUs the same way, so the number is the address either way.
+
+    >>> gpu_ordinal(["1"]), gpu_ordinal(["0", "3"])
+    (1, 0)
+    """
+    if not addresses or not all(re.fullmatch(r"0|[1-9][0-9]*", a) for a in addresses):
+        raise ValueError(f"Spark's GPU addresses {addresses} are not GPU indices (0, 1, ...): the discovery "
+                         "script must print the indices nvidia-smi shows")
+    return int(addresses[0])
+
+
+def narrow_visible_gpus(device: str, environ=os.environ) -> None:
+    """For an engine that starts its own processes (vLLM), which pick their GPU from
+    CUDA_VISIBLE_DEVICES rather than a device name: on `cuda:N` leave only GPU N of those the
+    process started with visible, so the engine's first GPU is that one; other devices leave
+    the environment alone.
+
+    >>> env = {"CUDA_VISIBLE_DEVICES": "4,5,6"}
+    >>> narrow_visible_gpus("cuda:1", env); env["CUDA_VISIBLE_DEVICES"]
+    '5'
+    >>> narrow_visible_gpus("cuda:2", env); env["CUDA_VISIBLE_DEVICES"]   # a later task, another GPU
+    '6'
+    >>> env = {}; narrow_visible_gpus("cuda:1", env); env["CUDA_VISIBLE_DEVICES"]
+    '1'
+    """
+    if not device.startswith("cuda:"):
+        return
+    ordinal = int(device.removeprefix("cuda:"))
+    started = environ.setdefault(STARTED_WITH, environ.get("CUDA_VISIBLE_DEVICES", ""))
+    visible = started.split(",") if started else None
+    if visible is not None and ordinal >= len(visible):
+        raise ValueError(f"{device}: the process started with CUDA_VISIBLE_DEVICES={started}")
+    environ["CUDA_VISIBLE_DEVICES"] = visible[ordinal] if visible is not None else str(ordinal)
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
@@ -38,7 +116,7 @@ def pick_dtype(dtype: str, device: str):
     import torch
 
     if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if is_cuda(device) or cpu_has_bf16() else torch.float32
     return getattr(torch, dtype)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from siren_batch.assets import llm_id, resolve_llm
 from siren_batch.config import ScoreConfig
 from siren_batch.backends.base import SCALE, ScoreResult, parse_answer, rating_token_ids, readout
-from siren_batch.backends.device import max_positions, pick_device, pick_dtype
+from siren_batch.backends.device import is_cuda, max_positions, pick_device, pick_dtype
 from siren_batch.backends.plan import Prefix, chunk_by_tokens, prefix_groups, shared_prefix_len
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class TransformersBackend:
     def _to_device(self, tensor):
         """Host tensor -> device; on CUDA pinned and asynchronous, so the copy overlaps the
         pass still running while Python builds the next batch."""
-        if self.device == "cuda":
+        if is_cuda(self.device):
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
 

@@ -34,6 +34,7 @@ import numpy as np
 from siren_batch.assets import llm_id, resolve_llm
 from siren_batch.config import ScoreConfig
 from siren_batch.backends.base import SCALE, ScoreResult, parse_answer, rating_token_ids, readout
+from siren_batch.backends.device import narrow_visible_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class VLLMBackend:
     """vllm.LLM with prefix caching (+ optional LoRA adapter); implements scoring.Backend."""
 
     def __init__(self, cfg: ScoreConfig):
+        if cfg.vllm_tensor_parallel_size == 1:   # cuda:N (the task's GPU on a cluster): the engine uses N
+            narrow_visible_gpus(cfg.device)
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()

@@ -33,7 +33,7 @@ import numpy as np
 from siren_batch.bench_score import SHARED_MOVIES, real_prompts
 from siren_batch.config import TrainConfig
 from siren_batch.profiling import matmul_peak_flops, sync, write_results
-from siren_batch.backends.device import cpu_has_bf16, pick_device
+from siren_batch.backends.device import cpu_has_bf16, is_cuda, pick_device
 from siren_batch.train import batching, model as M, objective
 
 logger = logging.getLogger(__name__)
@@ -118,14 +118,14 @@ def run_config(name: str, method: str, bf16: bool, pack: bool, checkpointed: boo
         sync(device)
 
     step(batching.collate(units[:1], args.pad_id, device, kind))   # warm-up: first-call allocations, kernels
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    if is_cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
     timed = batches[:args.steps]
     seconds = [_timed(lambda b=b: step(b)) for b in timed]
     examples = sum(len(b.rows) for b in timed)
     flops = sum(step_flops(model, b, len(b.rows), cfg.method, cfg.lora_r, checkpointed) for b in timed)
     # This process runs only this configuration (run_isolated), so its peak RSS is the config's.
-    peak_mem = (torch.cuda.max_memory_allocated() if device == "cuda"
+    peak_mem = (torch.cuda.max_memory_allocated(device) if is_cuda(device)
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     row = {"config": name, "method": method, "precision": "bf16 autocast" if bf16 else "fp32", "packed": pack,
            "gradient_checkpointing": checkpointed,

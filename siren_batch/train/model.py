@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from siren_batch.backends.device import cpu_has_bf16
+from siren_batch.backends.device import cpu_has_bf16, is_cuda
 from siren_batch.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def use_bf16(dtype: str, device: str) -> bool:
         return True
     if dtype == "float32":
         return False
-    return device == "cuda" or cpu_has_bf16()
+    return is_cuda(device) or cpu_has_bf16()
 
 
 def autocast(device: str, bf16: bool):
