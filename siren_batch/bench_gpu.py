@@ -42,8 +42,10 @@ SHAPES = {  # the released configs' sizes (hub config.json of each model)
                      max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=True),
 }
 # Measured before cross-user batching (issue 8, one H100, the per-user shared-prefix path), pairs/s.
-BEFORE_H100 = {"smollm2-135m": {"plain_b64": 292, "plain_b256": 692, "shared_per_user_b64": 161, "raw_forward_256": 1114},
-               "qwen3-4b": {"plain_b64": 60, "plain_b256": 82, "shared_per_user_b64": 114, "raw_forward_256": 86}}
+BEFORE_H100 = {
+    "smollm2-135m": {"plain_b64": 292, "plain_b256": 692, "shared_per_user_b64": 161, "raw_forward_256": 1114},
+    "qwen3-4b": {"plain_b64": 60, "plain_b256": 82, "shared_per_user_b64": 114, "raw_forward_256": 86},
+}
 
 
 def random_model(shape: str, tokenizer, device: str, layers: int | None = None):
@@ -174,7 +176,8 @@ def save_inputs(folder: Path, tokenizer, texts: list[str], groups: list[str]) ->
 def _markdown(p: dict) -> str:
     on_gpu = p["device_name"] != "cpu"   # the H100 "before" figures compare only with a GPU run
     lines = ["| shape | path | pairs/s | TFLOP/s | % of peak | peak memory GiB | forward passes "
-             "| max abs probs diff vs plain_b64 | before (H100, issue 8) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| max abs probs diff vs plain_b64 | before (H100, issue 8) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     if not on_gpu:
         lines.insert(0, "**Run on the CPU** (`--device cpu`): no GPU was available. The paths and their "
                         "agreement are real; the GPU figures, and the H100 'before' column, need a GPU run.\n")

@@ -169,7 +169,8 @@ class PromptsConfig:
     variants: list[str] = field(default_factory=lambda: ["sketch"])  # sketch | recent | raw
     modes: list[str] = field(default_factory=lambda: ["answer_only"])  # answer_only | cot
     raw_history_max: int = 0          # raw variant: most recent items kept; 0 = the whole history
-    priors: bool = False              # add as-of numeric priors: the user's and the item's earlier rating count and mean
+    # add as-of numeric priors: the user's and the item's earlier rating count and mean
+    priors: bool = False
     think_prefill: bool = False       # cot prompts end with "<think>\n": generation starts inside the reasoning
 
     def __post_init__(self) -> None:
@@ -193,12 +194,14 @@ class ScoreConfig:
     limit: int | None = None          # score only this many candidates (a deterministic sample); demos, smoke tests
     batch_size: int = 16              # transformers: most prompts (or users' prefixes) per forward pass
     batch_tokens: int = 16384         # transformers: most padded tokens per pass, attended context included
-    shared_prefix: bool = True        # transformers: a user's prefix runs once (many users a pass), candidates on its KV cache
+    # transformers: a user's prefix runs once (many users a pass), candidates on its KV cache
+    shared_prefix: bool = True
     shared_prefix_min_tokens: int = 32  # shared prefixes shorter than this run as plain batches (no gain)
     torch_threads: int = 0            # transformers on CPU: torch intra-op threads per task; 0 = spark.task.cpus
     partitions: int = 0               # scoring tasks (users are hashed over them); 0 = Spark's default parallelism
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"               # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | float32 | bfloat16 | float16
+    # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | float32 | bfloat16 | float16
+    dtype: str = "auto"
     max_new_tokens: int = 512         # cot mode only
     chunk_rows: int = 20000           # rows per committed chunk; a crashed run resumes at chunk level
     progress_every_s: float = 30.0    # seconds between progress log lines
@@ -226,7 +229,8 @@ class EvaluateConfig:
     split: str = "test"               # which labelled split the ratings are compared with
     run_date: str | None = None       # ratings partition to evaluate; None = the newest
     missing: str = "error"            # error: a missing prediction fails the run | count: report it as uncovered
-    scope: str = "all"                # all: every truth pair of the split | scored: only pairs in the ratings partition (all systems alike)
+    # all: every truth pair of the split | scored: only pairs in the ratings partition (all systems alike)
+    scope: str = "all"
     baselines: list[str] = field(default_factory=lambda: [
         "constant_median", "global_mean", "user_mean", "item_mean", "bias", "als"])
     bias_reg: float = 10.0            # shrinkage of the user+item bias baseline
@@ -366,7 +370,8 @@ class GrpoConfig:
     warmup_examples: int = 256        # format warm-up SFT rows (train split); 0 = none
     warmup_epochs: float = 2.0
     warmup_lr: float = 2e-4
-    warmup_teacher: str | None = None # model that writes the warm-up rationales (kept when its answer is right); null = the template
+    # model that writes the warm-up rationales (kept when its answer is right); null = the template
+    warmup_teacher: str | None = None
     examples: int | None = 256        # GRPO prompts (train split, seeded sample)
     epochs: float = 1.0               # the reference ran 2
     group_size: int = 8               # completions per prompt
@@ -398,7 +403,8 @@ class AlignConfig:
     answer-only student aligns to them (`make train-align`). Batch size, valid sampling,
     evaluation, early stopping, device and dtype come from `train`."""
     name: str = "align"               # run name (outputs under <train.out_dir>/<dataset>/<name>/)
-    teacher: str = "grpo"             # a stage-1 run name under <train.out_dir>/<dataset>/ (its export/ model), or a model folder
+    # a stage-1 run name under <train.out_dir>/<dataset>/ (its export/ model), or a model folder
+    teacher: str = "grpo"
     variant: str = "ha"               # ce | kd | kd+ce | ha+ce | ha (the paper's ablation, one row each)
     examples: int | None = 512        # train prompts the teacher writes chain-of-thought for
     keep_within: float = 0.0          # keep rows whose teacher answer is within this of the label (0 = exactly right)
@@ -428,11 +434,15 @@ class AlignConfig:
 @dataclass
 class NightlyConfig:
     """`siren-batch nightly --run-date D`: one night, incremental (siren_batch/nightly.py)."""
-    arrivals: str | None = None       # folder of a night's new data, "{run_date}" replaced: interactions.<data.format> (+ items.<data.format>)
-    candidates: str = "newest:20"     # newest:N = every active user x the N newest items they have not rated; a Parquet path ("{run_date}" replaced); none = no scoring
+    # folder of a night's new data, "{run_date}" replaced: interactions.<data.format> (+ items.<data.format>)
+    arrivals: str | None = None
+    # newest:N = every active user x the N newest items they have not rated; a Parquet path ("{run_date}"
+    # replaced); none = no scoring
+    candidates: str = "newest:20"
     active_days: int = 30             # active user: an interaction within this many days before the night's end
     recluster: bool = False           # re-fit the topics tonight (every sketch is rebuilt)
-    drift_threshold: float = 0.25     # re-fit when tonight's items lie this much farther from their centroids than the stored ones (0.25 = 25%)
+    # re-fit when tonight's items lie this much farther from their centroids than the stored ones (0.25 = 25%)
+    drift_threshold: float = 0.25
     evaluate: bool = True             # score the previous night's ratings against the truth that arrived tonight
     report: bool = True               # write the HTML run report
 

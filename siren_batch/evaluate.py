@@ -101,7 +101,8 @@ def llm_systems(ratings: DataFrame, name: str) -> dict[str, DataFrame]:
     the expected value (RMSE-optimal), the median (MAE-optimal) and the argmax, and
     the calibrated point and median when the partition holds calibrated columns."""
     readouts = list(READOUTS)
-    if "calibrated_rating" in ratings.columns and ratings.where(F.col("calibrated_rating").isNotNull()).limit(1).count():
+    calibrated = F.col("calibrated_rating").isNotNull()
+    if "calibrated_rating" in ratings.columns and ratings.where(calibrated).limit(1).count():
         readouts += CALIBRATED_READOUTS
     return {f"{name}{suffix}": ratings.select(*KEY, F.col(column).alias("rating"), "error")
             for column, suffix in readouts}

@@ -30,7 +30,8 @@ def ingest(spark: SparkSession, cfg: Config) -> dict:
 
     check_dry_run_target(spark, cfg)
     with run_record(spark, cfg, "ingest") as rec:
-        rec.reads, rec.writes = [f"{cfg.data.source}:{cfg.data.path or 'bundled'}"], ["rejects", "interactions", "items"]
+        rec.reads = [f"{cfg.data.source}:{cfg.data.path or 'bundled'}"]
+        rec.writes = ["rejects", "interactions", "items"]
         result = read_source(spark, cfg)
         counts = result.counts
         write_table(result.rejects, cfg, "rejects", schemas.REJECTS)

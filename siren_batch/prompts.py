@@ -21,8 +21,9 @@ prefix (KV-cache reuse when scoring many candidates of one user):
 The fixed question comes BEFORE the candidate, so with a shared per-user prefix a
 pair costs only its candidate line, the chat template's tail and the answer cue.
 The priors are as of strictly before the target (example sketches) or the end of
-history (serving), never including the rating being predicted. An empty section is left out. Variants: sketch (topics + recent), recent (recent
-only), raw (the user's whole earlier history, no topics; the token ablation).
+history (serving), never including the rating being predicted. An empty section is left
+out. Variants: sketch (topics + recent), recent (recent only), raw (the user's whole
+earlier history, no topics; the token ablation).
 Modes: cot ends at the chat template's generation prompt; answer_only appends
 ANSWER_ONLY_SUFFIX so the next token is the rating.
 

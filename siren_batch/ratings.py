@@ -117,8 +117,9 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
     staging = f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}/_staging/ratings-{run_date}"
     timers = StageTimers(spark, TASK_PHASES)
     with run_record(spark, cfg, "score") as rec:
-        rec.reads = ["sketches" if not cfg.score.candidates.startswith("split:") else "example_sketches",
-                     "interactions", "items"] + ([] if cfg.score.candidates.startswith("split:") else [cfg.score.candidates])
+        split = cfg.score.candidates.startswith("split:")
+        rec.reads = ["example_sketches" if split else "sketches", "interactions", "items",
+                     *([] if split else [cfg.score.candidates])]
         rec.writes = ["ratings"]
         with timers.phase("candidate_join"):
             pairs, history = candidate_pairs(spark, cfg)

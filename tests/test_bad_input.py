@@ -98,8 +98,9 @@ def test_csv_good_lines_rfc4180_crlf_blank_and_repeated_header(spark, tmp_path):
 def test_csv_malformed_item_line(spark, tmp_path):
     items = "item_id,title\ni1,One\ni2,Two,extra\ni3,Three\n"
     result = run(spark, tmp_path, *csv_source(tmp_path, "user_id,item_id,rating,ts\nu1,i1,4,100\nu1,i2,3,200\n", items))
-    assert rejects(result) == [("interactions", "unknown_item", '{"user_id":"u1","item_id":"i2","rating":"3","ts":"200"}'),
-                               ("items", "malformed_line: 3 fields, header has 2", "i2,Two,extra")]
+    assert rejects(result) == [
+        ("interactions", "unknown_item", '{"user_id":"u1","item_id":"i2","rating":"3","ts":"200"}'),
+        ("items", "malformed_line: 3 fields, header has 2", "i2,Two,extra")]
     assert_reconciled(result, 2, 3)
 
 

@@ -99,7 +99,8 @@ def cluster(tmp_path_factory):
     env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1",
            "SPARK_LOG_DIR": str(root / "logs"), "PYSPARK_PYTHON": sys.executable,
            "JAVA_TOOL_OPTIONS": "-XX:TieredStopAtLevel=1",
-           "SPARK_WORKER_OPTS": f"-Dspark.worker.resource.gpu.amount=2 -Dspark.worker.resource.gpu.discoveryScript={gpus}"}
+           "SPARK_WORKER_OPTS": ("-Dspark.worker.resource.gpu.amount=2 "
+                                 f"-Dspark.worker.resource.gpu.discoveryScript={gpus}")}
     spark_class = str(home / "bin" / "spark-class")
     ui_port = _free_port()
     procs: list[subprocess.Popen] = []

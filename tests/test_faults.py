@@ -16,7 +16,8 @@ import pytest
 
 from siren_batch.cli import main
 
-FILE_LIMIT = 1024 * 1024  # bytes: above what Spark itself writes (its native snappy library ~0.3 MB), below the items table
+# bytes: above what Spark itself writes (its native snappy library ~0.3 MB), below the items table
+FILE_LIMIT = 1024 * 1024
 
 
 def _source(folder, users: int) -> list[str]:

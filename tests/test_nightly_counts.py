@@ -31,7 +31,8 @@ def _frames(spark, with_items: bool):
 def test_ingest_counts_equal_the_counts_one_by_one(spark, with_items):
     raw, raw_items, kept, items, rejects = _frames(spark, with_items)
     kept = kept.withColumn("split", F.when(F.col("ts") == 3, "test").otherwise(F.col("split")))
-    reasons = {(r.source, r.reason.split(":")[0]): r["count"] for r in rejects.groupBy("source", "reason").count().collect()}
+    counted = rejects.groupBy("source", "reason").count().collect()
+    reasons = {(r.source, r.reason.split(":")[0]): r["count"] for r in counted}
     counts = data.ingest_counts(raw, raw_items, kept, items, rejects)
     for source, frames in {"interactions": (raw, kept), "items": (raw_items, items)}.items():
         assert counts[f"input_{source}"] == frames[0].count() and counts[f"kept_{source}"] == frames[1].count()
@@ -75,7 +76,8 @@ def test_merge_replaces_stored_rows_by_key(spark, fresh_rows):
 
     stored = spark.createDataFrame([("u1", "i1", 1.0), ("u1", "i2", 2.0), ("u2", "i1", 3.0)],
                                    "user_id string, item_id string, rating double")
-    fresh = spark.createDataFrame([("u1", "i2", 5.0), ("u3", "i1", 4.0)], "user_id string, item_id string, rating double")
+    fresh = spark.createDataFrame([("u1", "i2", 5.0), ("u3", "i1", 4.0)],
+                                  "user_id string, item_id string, rating double")
     merged = _merge(stored, fresh, ["user_id", "item_id"], fresh_rows)
     assert sorted(tuple(r) for r in merged.collect()) == [("u1", "i1", 1.0), ("u1", "i2", 5.0), ("u2", "i1", 3.0),
                                                           ("u3", "i1", 4.0)]

@@ -63,7 +63,8 @@ def scored_warehouse(spark, ml100k, tmp_path_factory):
     shutil.copytree(Path(source.warehouse) / source.dataset, wh / source.dataset)
     cfg = load_config(overrides=[f"warehouse={wh}", f"dataset={source.dataset}", "calibrate.enabled=false"])
     pairs = _predictions(cfg)
-    rows = [_rating_row(r["user_id"], r["item_id"], r["probs"], r["prompt_tokens"]) for r in pairs.iter_rows(named=True)]
+    rows = [_rating_row(r["user_id"], r["item_id"], r["probs"], r["prompt_tokens"])
+            for r in pairs.iter_rows(named=True)]
     rows.append(_rating_row("nobody", pairs["item_id"][0], None, None, "unknown_user"))
     with run_record(spark, cfg, "score") as rec:
         ratings = spark.createDataFrame(rows, schemas.RATINGS).withColumn("run_id", F.lit(rec.run_id))

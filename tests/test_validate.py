@@ -79,8 +79,9 @@ def test_reason_counts_are_per_code(spark):
          ("interactions", "malformed_line: unbalanced quote", "b"), ("interactions", "bad_rating", "c"),
          ("items", "malformed_json: not one JSON object", "d")], "source string, reason string, record string")
     codes = rejects.select("source", validate.reason_code(F.col("reason")).alias("code")).collect()
-    assert [(r.source, r.code) for r in codes] == [("interactions", "malformed_line"), ("interactions", "malformed_line"),
-                                                   ("interactions", "bad_rating"), ("items", "malformed_json")]
+    assert [(r.source, r.code) for r in codes] == [
+        ("interactions", "malformed_line"), ("interactions", "malformed_line"),
+        ("interactions", "bad_rating"), ("items", "malformed_json")]
 
 
 def test_first_failing_check_wins(spark):

@@ -177,8 +177,8 @@ class AlignRun(SFTRun):
         with M.autocast(self.device, self.bf16):
             s_states, s_logits = M.answer_states(self.model, batch, self.rating_ids)
         return align_losses(self.align.variant, s_states, s_logits, self.t_states[rows].to(self.device),
-                            self.t_logits[rows].to(self.device), self.train_enc.targets[rows], self.align.kd_temperature,
-                            self.align.ce_weight)
+                            self.t_logits[rows].to(self.device), self.train_enc.targets[rows],
+                            self.align.kd_temperature, self.align.ce_weight)
 
 
 # ---- the run --------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def feature_matrix(frame: Any, groups: Sequence[str]) -> tuple[np.ndarray, list[
     ...                   "n_history": [0], "user_mean": [None], "item_count": [3], "item_mean": [4.0]})
     >>> x, names = feature_matrix(f, ["baselines", "counts"])
     >>> names, x.round(3).tolist()
-    (['bias', 'als', 'log1p_n_history', 'user_mean', 'log1p_item_count', 'item_mean'], [[3.5, 3.5, 0.0, 3.5, 1.386, 4.0]])
+    (['bias', 'als', 'log1p_n_history', 'user_mean', 'log1p_item_count', 'item_mean'],
+     [[3.5, 3.5, 0.0, 3.5, 1.386, 4.0]])
     """
     unknown = [g for g in groups if g not in FEATURE_GROUPS]
     if unknown or not groups:

@@ -34,7 +34,8 @@ def rationale(evidence: dict[str, Any] | str, label: float) -> str:
     optionally user_mean, item_mean, item_count; or its JSON text.
 
     >>> print(rationale({"candidate": "Heat, Crime", "candidate_topic": "crime thrillers",
-    ...                  "liked": [{"name": "crime thrillers", "mean": 4.6}], "disliked": [], "recent": [4, 5, 3]}, 4.0))
+    ...                  "liked": [{"name": "crime thrillers", "mean": 4.6}], "disliked": [],
+    ...                  "recent": [4, 5, 3]}, 4.0))
     <think>
     The candidate is Heat, Crime, in the topic "crime thrillers".
     The user likes that topic (mean rating 4.6).

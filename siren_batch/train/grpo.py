@@ -191,7 +191,8 @@ def curve(log_history: list[dict]) -> list[dict]:
     means, KL (TRL's log keys -> ours).
 
     >>> curve([{"step": 1, "reward": 0.5, "reward_std": 1.0, "rewards/parseable/mean": 0.25}, {"loss": 1}])
-    [{'step': 1, 'reward_mean': 0.5, 'reward_std': 1.0, 'parseable': 0.25, 'format_mean': None, 'rating_mean': None, 'kl': None}]
+    [{'step': 1, 'reward_mean': 0.5, 'reward_std': 1.0, 'parseable': 0.25, 'format_mean': None,
+      'rating_mean': None, 'kl': None}]
     """
     keys = {"reward_mean": "reward", "reward_std": "reward_std", "parseable": "rewards/parseable/mean",
             "format_mean": "rewards/format/mean", "rating_mean": "rewards/rating/mean", "kl": "kl"}
@@ -232,8 +233,8 @@ def train(warm_rows, grpo_rows, grpo: GrpoConfig, train_cfg: TrainConfig, run_di
     if not prompts:
         raise ValueError(f"no GRPO prompt fits grpo.max_prompt_tokens={grpo.max_prompt_tokens}: raise it")
     history = run_grpo(prompts, labels, grpo, train_cfg, start, run_dir, device, bf16, prefill)
-    summary = {**info, "status": "done", "think_prefill": bool(prefill), "warmup": warm_counts, "warmup_model": str(start),
-               "grpo_prompts": len(prompts), "skipped_too_long": len(fits) - len(prompts),
+    summary = {**info, "status": "done", "think_prefill": bool(prefill), "warmup": warm_counts,
+               "warmup_model": str(start), "grpo_prompts": len(prompts), "skipped_too_long": len(fits) - len(prompts),
                "steps_done": max((h.get("step", 0) for h in history), default=0),
                "examples_seen": len(prompts) * grpo.group_size, "curve": curve(history)}
     (run_dir / "metrics.json").write_text(json.dumps({**summary, "log_history": history}, indent=1))
