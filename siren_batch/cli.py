@@ -55,7 +55,7 @@ def run(stage: str, conf_files: list[str], overrides: list[str], *, run_date: st
     hold the warehouse's lock (siren_batch.lock) while they run."""
     from siren_batch import lock, pipeline
     from siren_batch.spark import get_spark
-    from siren_batch.warehouse import RunRecord
+    from siren_batch.warehouse import RunRecord, restore_swaps
 
     cfg = load_config(conf_files, overrides)
     if stage == "show-config":
@@ -74,6 +74,7 @@ def run(stage: str, conf_files: list[str], overrides: list[str], *, run_date: st
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     holder = RunRecord(stage=stage).run_id
     with lock.hold(spark, cfg, holder, stage, break_lock=break_lock):
+        restore_swaps(spark, cfg)   # a killed run's half-done replace, before anything reads a table
         if stage == "nightly":
             from siren_batch.nightly import run_night
             return {"nightly": run_night(spark, cfg, run_date, redo=redo),

@@ -210,18 +210,55 @@ def append_table(df: DataFrame, cfg: Config, table: str, schema: T.StructType) -
     return rows
 
 
+SWAP_NOTE = ".swap"   # beside an old copy moved aside: the path it came from
+
+
 def _swap(spark: SparkSession, src: str, dst: str) -> None:
     """Move src to dst, replacing dst; the old copy is moved aside first and
     deleted last, so dst is never half-written. Aside means into the staging area
     beside src: a driver killed in between must not leave it beside dst, where
-    `ratings/run_date=D.old-x` would read as one more partition of the table."""
+    `ratings/run_date=D.old-x` would read as one more partition of the table. A note
+    written first names dst, so that a driver killed while dst is absent leaves what the
+    next run needs to put the old copy back (restore_swaps)."""
     trash = None
     if path_exists(spark, dst):
         trash = f"{src}.old-{uuid.uuid4().hex[:8]}"
+        write_text(spark, f"{trash}{SWAP_NOTE}", dst)
         move_path(spark, dst, trash)
     move_path(spark, src, dst)
     if trash:
         delete_path(spark, trash)
+        delete_path(spark, f"{trash}{SWAP_NOTE}")
+
+
+def restore_swaps(spark: SparkSession, cfg: Config) -> list[str]:
+    """Finish the replaces a killed driver left half done, before anything reads the
+    warehouse (run under its lock: no other writer is mid-swap). An old copy whose table
+    or partition is absent goes back where it was: the rerun then finds the table as it
+    was before the killed run, which matters for the stages that read a table and write
+    it back (a night's embeddings, evaluations), where absent would read as empty. An
+    old copy whose replacement is in place is deleted. Returns the paths put back."""
+    fs, root = _fs_path(spark, f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}/_staging")
+    if not fs.exists(root):
+        return []
+    notes = []
+    for status in fs.listStatus(root):   # a table's note, or inside a partitioned write's folder
+        inner = fs.listStatus(status.getPath()) if status.isDirectory() else [status]
+        notes += [str(s.getPath()) for s in inner if s.getPath().getName().endswith(SWAP_NOTE)]
+    restored = []
+    for note in notes:
+        trash, dst = note.removesuffix(SWAP_NOTE), read_text(spark, note).strip()
+        if path_exists(spark, trash):
+            if path_exists(spark, dst):
+                delete_path(spark, trash)
+            else:
+                move_path(spark, trash, dst)
+                restored.append(dst)
+        delete_path(spark, note)
+    if restored:
+        logger.warning("a killed run had moved %d table(s) or partition(s) aside mid-replace; put back: %s",
+                       len(restored), ", ".join(restored))
+    return restored
 
 
 def read_table(spark: SparkSession, cfg: Config, table: str,
@@ -259,13 +296,24 @@ def sweep_staging(spark: SparkSession, cfg: Config, max_age_s: float = STAGING_M
     for status in fs.listStatus(root):
         name = status.getPath().getName()
         limit_s = resumable_max_age_s if name.startswith("ratings-") else max_age_s
-        if status.getModificationTime() < now_ms - limit_s * 1000:
+        if _last_written_ms(fs, status) < now_ms - limit_s * 1000:
             fs.delete(status.getPath(), True)
             gone.append(name)
     if gone:
         logger.info("removed %d staging leftovers of killed runs (older than %.0f h; score chunks %.0f h): %s",
                     len(gone), max_age_s / 3600, resumable_max_age_s / 3600, ", ".join(sorted(gone)))
     return sorted(gone)
+
+
+def _last_written_ms(fs, status) -> int:
+    """When a staging entry was last written: a folder's newest file, not the folder's own
+    time, which object stores do not keep (S3A reports 0: every folder would look ancient)."""
+    if not status.isDirectory():
+        return status.getModificationTime()
+    newest, files = status.getModificationTime(), fs.listFiles(status.getPath(), True)
+    while files.hasNext():
+        newest = max(newest, files.next().getModificationTime())
+    return newest
 
 
 # ---- run records ---------------------------------------------------------------------

@@ -125,10 +125,43 @@ def test_a_replace_killed_between_its_two_moves_leaves_nothing_a_reader_sees(spa
         warehouse.write_table(again, cfg, "ratings", schema, partition_by=by)
     monkeypatch.undo()
     table = Path(cfg.table_path("ratings"))
-    assert moves == [str(table / "run_date=d2") if partitioned else str(table)]   # the old copy, moved aside
+    moved = str(table / "run_date=d2") if partitioned else str(table)
+    assert moves == [moved]   # the old copy, moved aside
     assert visible(table.parent) == ({"ratings", "ratings/run_date=d1"} if partitioned else set())
+
+    # The next run, under the lock, first puts the old copy back: a stage that reads the table
+    # and writes it back (a night's embeddings, the evaluations) must not find it empty.
+    assert warehouse.restore_swaps(spark, cfg) == [moved]
+    assert [tuple(r) for r in read_frame(table)[["user_id", "rating", "run_date"]].itertuples(index=False)] \
+        == [("u1", 1.0, "d1"), ("u2", 2.0, "d2")]
+    assert not list(table.parent.glob("_staging/**/*.old-*")), "the old copy or its note is still aside"
+    assert warehouse.restore_swaps(spark, cfg) == []
 
     warehouse.write_table(again, cfg, "ratings", schema, partition_by=by)   # the stage run again
     got = read_frame(table)
     want = [("u1", 1.0, "d1"), ("u3", 3.0, "d2")] if partitioned else [("u3", 3.0, "d2")]
     assert [tuple(r) for r in got[["user_id", "rating", "run_date"]].itertuples(index=False)] == want
+
+
+def test_a_replace_killed_after_its_two_moves_drops_the_old_copy(spark, cfg, monkeypatch):
+    """Killed after the new copy is in, before the old one is deleted: the next run deletes it."""
+    from pyspark.sql import types as T
+
+    from siren_batch import warehouse
+
+    schema = T.StructType([T.StructField("user_id", T.StringType())])
+    warehouse.write_table(spark.createDataFrame([("u1",)], schema), cfg, "items", schema)
+
+    def killed(spark_, path):
+        raise _Killed
+
+    monkeypatch.setattr(warehouse, "delete_path", killed)
+    with pytest.raises(_Killed):
+        warehouse.write_table(spark.createDataFrame([("u2",)], schema), cfg, "items", schema)
+    monkeypatch.undo()
+    staging = Path(cfg.table_path("items")).parent / "_staging"
+    aside = [p for p in staging.glob("*.old-*") if not p.name.startswith(".")]   # not Hadoop's .crc files
+    assert sorted(p.is_dir() for p in aside) == [False, True]   # the old copy and its note
+    assert warehouse.restore_swaps(spark, cfg) == []   # nothing to put back: the new copy is in
+    assert list(read_frame(Path(cfg.table_path("items"))).user_id) == ["u2"]
+    assert not list(staging.glob("*.old-*"))

@@ -88,12 +88,17 @@ def test_sweep_staging_removes_old_leftovers_only(spark, cfg):
     old = time.time() - W.STAGING_MAX_AGE_S - 60
     abandoned = time.time() - W.RESUMABLE_MAX_AGE_S - 60
     for name in ("items-1a2b3c4d", "interactions-append-9f8e7d6c", "ratings-2030-01-01", "sketches-fresh0001",
-                 "ratings-2029-12-01"):
+                 "ratings-2029-12-01", "prompts-s3a00001"):
         (root / name).mkdir(parents=True)
         (root / name / "part-0.parquet").write_text("x")
         if "fresh" not in name:
             stamp = abandoned if name == "ratings-2029-12-01" else old
-            os.utime(root / name, (stamp, stamp))
+            for path in (root / name / "part-0.parquet", root / name):
+                os.utime(path, (stamp, stamp))
+    # A folder's time as S3A reports it (0), a file written just now inside: live, judged by the file.
+    (root / "prompts-s3a00001" / "part-1.parquet").write_text("x")
+    os.utime(root / "prompts-s3a00001", (0, 0))
     assert W.sweep_staging(spark, cfg) == ["interactions-append-9f8e7d6c", "items-1a2b3c4d", "ratings-2029-12-01"]
-    assert sorted(p.name for p in root.iterdir()) == ["ratings-2030-01-01", "sketches-fresh0001"]   # resumable, live
+    assert sorted(p.name for p in root.iterdir()) == ["prompts-s3a00001", "ratings-2030-01-01",
+                                                      "sketches-fresh0001"]   # live, resumable, live
     assert W.sweep_staging(spark, cfg) == []
