@@ -26,6 +26,7 @@ from siren_batch import schemas
 from siren_batch.assets import llm_id, models_dir, resolve_llm
 from siren_batch.config import Config
 from siren_batch.features import KEY, candidate_features, split_features
+from siren_batch.prompts import prompt_settings, prompt_template_hash
 from siren_batch.warehouse import read_table, run_record, write_table
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,10 @@ def calibrator_dir(cfg: Config) -> Path:
 
 
 def fitted_for(cfg: Config) -> dict[str, Any]:
-    """What a calibrator is only valid for: it is checked again when applied."""
+    """What a calibrator is only valid for: it is checked again when applied. The prompt
+    hash covers the templates and every prompt setting (prompts.prompt_settings)."""
     return {"model": cfg.score.model, "adapter": cfg.score.adapter, "variant": cfg.score.variant,
-            "priors": cfg.prompts.priors, "dataset": cfg.dataset}
+            "priors": cfg.prompts.priors, "prompt_hash": prompt_template_hash(cfg), "dataset": cfg.dataset}
 
 
 def load_if_present(cfg: Config):
@@ -133,13 +135,22 @@ def _fit_frame(spark: SparkSession, cfg: Config) -> tuple[Any, tuple[int, float]
 
 
 def _check_scored_by(scored: DataFrame, cfg: Config, run_date: str) -> None:
-    """The partition must hold the scores of the model and adapter the calibrator is stored
-    for (fitted_for); a calibrator fit on another model's scores would be applied to this one's."""
+    """The partition must hold the scores of the model, adapter and prompts the calibrator is
+    stored for (fitted_for); a calibrator fit on another model's scores, or on prompts with
+    priors, would be applied to this one's."""
     want = (llm_id(cfg.score.model), cfg.score.adapter)
-    seen = {(r.model_id, r.adapter_id) for r in scored.select("model_id", "adapter_id").distinct().collect()}
-    if seen - {want}:
-        raise ValueError(f"ratings run_date={run_date} were scored by (model_id, adapter_id) {sorted(seen, key=str)}, "
-                         f"not {want}: calibrate with the score.model and score.adapter that scored it")
+    seen = {(r.model_id, r.adapter_id, r.prompt_template_hash)
+            for r in scored.select("model_id", "adapter_id", "prompt_template_hash").distinct().collect()}
+    models = {s[:2] for s in seen}
+    if models - {want}:
+        raise ValueError(f"ratings run_date={run_date} were scored by (model_id, adapter_id) "
+                         f"{sorted(models, key=str)}, not {want}: calibrate with the score.model and score.adapter "
+                         "that scored it")
+    prompts = {s[2] for s in seen} - {prompt_template_hash(cfg)}
+    if prompts:
+        raise ValueError(f"ratings run_date={run_date} were scored from other prompts (prompt_template_hash "
+                         f"{sorted(prompts)}, not {prompt_template_hash(cfg)} of {prompt_settings(cfg)}): calibrate "
+                         "with the score.variant, score.mode and prompts.* settings that scored it")
 
 
 def calibrate(spark: SparkSession, cfg: Config) -> dict:
@@ -164,6 +175,9 @@ def _reapply(spark: SparkSession, cfg: Config, calibrator, run_date: str) -> int
     """The calibrated columns of an already scored partition: scored by the model and
     adapter the calibrator was fit for, its features built for score.candidates (which
     must be what the partition scored: its pairs must all be there)."""
+    if cfg.score.candidates == "split:valid" or run_date == calibrator.meta.get("valid_run_date"):
+        raise ValueError(f"calibrate.apply_run_date={run_date}: the calibrator was fit on the valid pairs, so "
+                         "calibrated columns there would be in-sample; apply it to a test or nightly partition")
     ratings = read_table(spark, cfg, "ratings", schemas.RATINGS).where(F.col("run_date") == run_date)
     _check_scored_by(ratings.where(F.col("error").isNull()), cfg, run_date)   # the model it was fit for
     feats = _calibrator_features(spark, cfg, ratings, calibrator).cache()

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+from urllib.parse import urlparse
 
 import yaml
 
@@ -30,6 +31,18 @@ CONF_DIR = REPO_ROOT / "conf"
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message says how to fix it."""
+
+
+def local_path(path: str) -> str | None:
+    """The local filesystem path of `path`, or None for hdfs://, s3a:// and the like.
+
+    >>> local_path("/wh"), local_path("file:///wh"), local_path("hdfs:///user/siren/wh")
+    ('/wh', '/wh', None)
+    """
+    parsed = urlparse(path)
+    if parsed.scheme in ("", "file"):
+        return parsed.path if parsed.scheme else path
+    return None
 
 
 def _require(ok: bool, message: str) -> None:

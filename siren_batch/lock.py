@@ -20,9 +20,8 @@ import logging
 import os
 import socket
 from contextlib import contextmanager
-from urllib.parse import urlparse
 
-from siren_batch.config import Config
+from siren_batch.config import Config, local_path
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +32,6 @@ class LockHeld(RuntimeError):
 
 def lock_path(cfg: Config) -> str:
     return f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}/_lock"
-
-
-def _local(path: str) -> str | None:
-    """The local filesystem path of `path`, or None for hdfs://, s3a:// and the like."""
-    parsed = urlparse(path)
-    if parsed.scheme in ("", "file"):
-        return parsed.path if parsed.scheme else path
-    return None
 
 
 def _alive(pid: int) -> bool:
@@ -74,7 +65,7 @@ class _Store:
     """Create-if-absent, read and delete of the lock file, local or through Hadoop."""
 
     def __init__(self, spark, path: str):
-        self.spark, self.path, self.local = spark, path, _local(path)
+        self.spark, self.path, self.local = spark, path, local_path(path)
 
     def create(self, text: str) -> bool:
         if self.local is not None:

@@ -35,6 +35,7 @@ and the prompts table has no error column); the caller must pass known items.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from typing import Any, Callable, Iterator
@@ -43,7 +44,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F, types as T
 
 from siren_batch import assets, model_cache, schemas
-from siren_batch.config import PromptsConfig
+from siren_batch.config import Config, PromptsConfig
 from siren_batch.timers import StageTimers
 
 logger = logging.getLogger(__name__)
@@ -73,12 +74,20 @@ VARIANTS = ("sketch", "recent", "raw")
 MODES = ("answer_only", "cot")
 
 
-def prompt_template_hash() -> str:
-    """Short hash of every template string; stored with each rating so outputs
-    say which template produced them."""
+def prompt_settings(cfg: Config) -> dict[str, Any]:
+    """The settings a score run's prompts follow, beside the template strings: what it
+    takes to reproduce them from the stored sketches."""
+    return {"variant": cfg.score.variant, "mode": cfg.score.mode, "priors": cfg.prompts.priors,
+            "raw_history_max": cfg.prompts.raw_history_max, "think_prefill": cfg.prompts.think_prefill}
+
+
+def prompt_template_hash(cfg: Config) -> str:
+    """Short hash of every template string and of the run's prompt_settings; stored with
+    each rating so outputs say which prompts produced them, and checked before a
+    calibrator is fit on, or applied to, a run's scores (siren_batch.calibration)."""
     parts = [SYSTEM_PROMPT, LIKED_HEADER, DISLIKED_HEADER, RECENT_HEADER, RAW_HEADER,
              CANDIDATE_LINE, QUESTION, SECTION_SEP, ANSWER_ONLY_SUFFIX, USER_PRIOR, USER_PRIOR_NONE,
-             ITEM_PRIOR, ITEM_PRIOR_NONE]
+             ITEM_PRIOR, ITEM_PRIOR_NONE, THINK_PREFILL, json.dumps(prompt_settings(cfg), sort_keys=True)]
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:12]
 
 

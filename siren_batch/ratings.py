@@ -153,7 +153,7 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
                     move_path(spark, tmp, f"{staging}/chunks/{name}")
                     progress.update(parquet_rows(spark, f"{staging}/chunks/{name}"))
             with timers.phase("finish"):
-                summary = _finish(spark, cfg, staging, bad_pairs, run_date, prompt_template_hash(), rec.run_id,
+                summary = _finish(spark, cfg, staging, bad_pairs, run_date, prompt_template_hash(cfg), rec.run_id,
                                   training, total)
         finally:   # also when a chunk or the finish fails: a cached plan outlives the run
             pairs.unpersist()

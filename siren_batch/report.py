@@ -24,7 +24,7 @@ from pathlib import Path
 import polars as pl
 
 from siren_batch import explore
-from siren_batch.config import Config, load_config
+from siren_batch.config import Config, ConfigError, load_config, local_path
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,9 @@ def write_report(cfg: Config, run_date: str | None = None, run_id: str | None = 
     """Write reports/run-<run_date>.html and reports/latest.html (run_date
     default: the newest ratings partition, else today UTC); returns
     {"report": path, "latest": path, "run_date", counts...}."""
+    if local_path(cfg.warehouse) is None:
+        raise ConfigError(f"the report reads the warehouse from a local disk (polars, DuckDB); {cfg.warehouse} "
+                          "is not one: run it where the warehouse is mounted, with warehouse=<that path>")
     run_date = run_date or explore.latest_run_date(cfg) or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     page, numbers = render(cfg, run_date, run_id)
     folder = Path(cfg.table_path("reports"))

@@ -145,10 +145,11 @@ def _write_warehouse(spark, cfg):
 
 def _ratings(spark, cfg, rows, split, run_date, model_id="smollm2-135m-instruct"):
     """Raw scores whose distribution leans on the true rating, one error row; scored by
-    model_id (the default model's, as the score stage writes it)."""
+    model_id (the default model's, as the score stage writes it) from cfg's prompts."""
     from pyspark.sql import functions as F
 
     from siren_batch import schemas
+    from siren_batch.prompts import prompt_template_hash
     from siren_batch.warehouse import write_table
 
     rng = np.random.default_rng(1)
@@ -161,7 +162,7 @@ def _ratings(spark, cfg, rows, split, run_date, model_id="smollm2-135m-instruct"
         p = (np.exp(logits) / np.exp(logits).sum()).tolist()
         err = "prompt_too_long: 9 tokens > 8" if u == "u0" else None
         out.append((u, i, None if err else float(np.dot(p, range(1, 6))), None, None, None if err else p,
-                    10, 1, model_id, None, "h", "r", err, None, None, None, run_date))
+                    10, 1, model_id, None, prompt_template_hash(cfg), "r", err, None, None, None, run_date))
     frame = spark.createDataFrame(out, schemas.RATINGS).withColumn("run_date", F.lit(run_date))
     write_table(frame, cfg, "ratings", schemas.RATINGS, partition_by=["run_date"])
 
@@ -193,9 +194,21 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
             assert r.calibrated_median in (1.0, 2.0, 3.0, 4.0, 5.0)
     assert sum(r.error is None for r in test) == 39
     # re-applied with features for other pairs than the partition scored: one line, nothing written
-    elsewhere = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, candidates="split:valid"))
-    with pytest.raises(ValueError, match="40 of its 40 pairs are not among score.candidates=split:valid"):
-        _reapply(spark, elsewhere, load_if_present(cfg), "2026-01-02")
+    _ratings(spark, cfg, rows, "valid", "2026-01-03")   # the valid pairs again, in another run
+    elsewhere = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, candidates="split:test"))
+    with pytest.raises(ValueError, match="40 of its 40 pairs are not among score.candidates=split:test"):
+        _reapply(spark, elsewhere, load_if_present(cfg), "2026-01-03")
+    # ... or to the valid pairs it was fit on: calibrated columns there would be in-sample
+    in_sample = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, candidates="split:valid"))
+    for run_cfg, run_date in ((in_sample, "2026-01-02"), (cfg, "2026-01-01")):
+        with pytest.raises(ValueError, match="calibrated columns there would be in-sample"):
+            _reapply(spark, run_cfg, load_if_present(cfg), run_date)
+    # Fit with a prompt setting the valid run did not use (priors forgotten, or added): refused.
+    forgot = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal5'}",
+                                    "calibrate.run_date=2026-01-01", "prompts.priors=true"])
+    with pytest.raises(ValueError, match=r"were scored from other prompts .*'priors': True.*calibrate with the "
+                                         r"score.variant, score.mode and prompts.\* settings that scored it"):
+        calibrate(spark, forgot)
     other = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal'}",
                                    "prompts.priors=true"])
     with pytest.raises(ValueError, match="was fit for other settings .*priors"):

@@ -194,6 +194,10 @@ def test_a_killed_night_resumes_with_the_same_tables(spark, nights, long_tiny_mo
     # The dead run's lock is detected; --break-lock takes it over and the night resumes.
     assert cli.main(args) == 2
     assert "no longer running" in capsys.readouterr().err
+    # Not the next night first: once that one was done, this one would be refused for good.
+    assert cli.main([a if a != NIGHT2 else "1998-04-08" for a in args] + ["--break-lock"]) == 2
+    assert f"night {NIGHT2} started but did not finish: run it again first" in capsys.readouterr().err
+    assert not (wh / "ml-100k" / "_nightly" / "1998-04-08").exists()
     assert cli.main([*args, "--break-lock"]) == 0
     for table in TABLES:
         assert_same_frame(_read(nights["wh"], table), _read(wh, table), table, atol=1e-5)

@@ -80,11 +80,16 @@ def test_render_prompt_modes(tokenizer):
         P.render_prompt(tokenizer, SKETCH, CANDIDATE, "sketch", "greedy", 4.0)
 
 
-def test_template_hash_tracks_the_template(monkeypatch):
-    first = P.prompt_template_hash()
-    assert len(first) == 12 and first == P.prompt_template_hash()
+def test_template_hash_tracks_the_template_and_the_prompt_settings(monkeypatch):
+    from siren_batch.config import load_config
+
+    cfg = load_config([], [])
+    first = P.prompt_template_hash(cfg)
+    assert len(first) == 12 and first == P.prompt_template_hash(load_config([], ["score.limit=5"]))
+    for setting in ("prompts.priors=true", "score.variant=recent", "score.mode=cot", "prompts.raw_history_max=50"):
+        assert P.prompt_template_hash(load_config([], [setting])) != first, setting
     monkeypatch.setattr(P, "QUESTION", P.QUESTION + " Answer briefly.")
-    assert P.prompt_template_hash() != first
+    assert P.prompt_template_hash(cfg) != first
 
 
 # ---- build_prompts on Spark ---------------------------------------------------------

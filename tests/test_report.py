@@ -152,6 +152,18 @@ def test_report_says_what_is_missing(cfg):
         assert line in page
 
 
+def test_a_warehouse_on_hdfs_gets_one_line_not_a_local_folder(cfg, tmp_path, monkeypatch):
+    import dataclasses
+
+    from siren_batch.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)   # pathlib would have made ./hdfs:/user/... here
+    remote = dataclasses.replace(cfg, warehouse="hdfs:///user/siren/warehouse")
+    with pytest.raises(ConfigError, match="the report reads the warehouse from a local disk"):
+        write_report(remote, run_date="2026-01-05")
+    assert not list(tmp_path.iterdir())
+
+
 def test_report_command_line(report_cfg, capsys):
     assert main([f"warehouse={report_cfg.warehouse}", f"dataset={report_cfg.dataset}", "--run-date", RUN_DATE]) == 0
     assert capsys.readouterr().out.strip().endswith(f"reports/run-{RUN_DATE}.html")

@@ -97,6 +97,11 @@ def run_night(spark: SparkSession, cfg: Config, run_date: str, *, redo: bool = F
     if later:
         raise ConfigError(f"nights run in date order: {max(later)} is already complete, so {run_date} "
                           "cannot run now")
+    unfinished = [d for d in list_dir(spark, state_dir(cfg)) if d < run_date and d not in done_nights
+                  and path_exists(spark, f"{state_dir(cfg, d)}/plan.json")]
+    if unfinished:   # run past, it would be refused for good once this one is done: its arrivals lost
+        raise ConfigError(f"night {unfinished[0]} started but did not finish: run it again first "
+                          f"(siren-batch nightly --run-date {unfinished[0]}), then {run_date}")
     folder = state_dir(cfg, run_date)
     if redo:
         for name in list_dir(spark, folder):

@@ -85,7 +85,7 @@ def _ratings(frame, probe, cfg: Config, model_id: str, run_id: str, run_date: st
     return pd.DataFrame({"user_id": frame["user_id"], "item_id": frame["item_id"], **cols, "probs": prob_lists,
                          "prompt_tokens": frame["prompt_tokens"].astype("int32"), "output_tokens": 1,
                          "model_id": model_id, "adapter_id": cfg.score.adapter,
-                         "prompt_template_hash": prompt_template_hash(), "run_id": run_id, "error": frame["error"],
+                         "prompt_template_hash": prompt_template_hash(cfg), "run_id": run_id, "error": frame["error"],
                          "calibrated_rating": None, "calibrated_median": None, "calibrated_probs": None,
                          "run_date": run_date})
 
