@@ -198,19 +198,29 @@ def test_siren_movies_malformed_lines(spark, tmp_path):
             "history_ratings": [4, 3, 5]}
     uneven = {"user_id": "u2", "history": "A, c1, 2\nB, c2, 3", "history_asins": ["A", "B", "C"],
               "history_ratings": [2, 3]}  # cannot be zipped: which rating or title goes with C?
+    no_ratings = {"user_id": "u3", "history": "F, c1, 4", "history_asins": ["F"]}   # a field missing
+    empty = {"user_id": "u4", "history": "", "history_asins": [], "history_ratings": []}   # nothing to lose
     # The public repository's first commits name two files *_balanced; gunzipped files read too.
-    write_gz(d / "history_balanced.jsonl.gz", [good, uneven])
+    write_gz(d / "history_balanced.jsonl.gz", [good, uneven, no_ratings, empty])
     row = {"user_id": "u1", "parent_asin": "C", "timestamp": 3000, "label": 5.0, "target": "C, c1"}
     write_gz(d / "train.jsonl.gz", [row])
-    write_gz(d / "valid.jsonl.gz", [{**row, "parent_asin": "D", "timestamp": 4000, "target": "D, c2"},
+    # A category path whose last part holds ", "; a title with U+0085 (a mis-decoded "...").
+    write_gz(d / "valid.jsonl.gz", [{**row, "parent_asin": "D", "timestamp": 4000,
+                                     "target": "D [DVD], Movies & TV|Music Artists|Presley, Elvis"},
                                     '{"user_id": "u2", "parent_asin": "D"'])
-    (d / "test.jsonl").write_text(json.dumps({**row, "parent_asin": "E", "timestamp": 5000, "target": "E, c2"}) + "\n")
+    (d / "test.jsonl").write_text(json.dumps({**row, "parent_asin": "E", "timestamp": 5000,
+                                              "target": "E\u0085 Cut, c2"}) + "\n")
     result = run(spark, tmp_path, "dataset=siren-movies", f"data.path={d}")
     assert [i for _, i, _, _ in kept(result)] == ["A", "B", "C", "D", "E"]
     assert rejects(result) == [
+        ("interactions", "malformed_json: 1 history_asins, 0 history_ratings, 1 history lines", json.dumps(no_ratings)),
         ("interactions", "malformed_json: 3 history_asins, 2 history_ratings, 2 history lines", json.dumps(uneven)),
         ("interactions", NOT_ONE, '{"user_id": "u2", "parent_asin": "D"')]
-    assert_reconciled(result, 7, 5)  # u1: 2 history-only + train + valid + test; u2: 1 + 1; items A-E
+    # u1: 2 history-only + train + valid + test; u2: 1 + 1; u3: 1; items A-E
+    assert_reconciled(result, 8, 5)
+    titles = {r.item_id: (r.title, r.genres) for r in result.items.collect()}
+    assert titles["D"] == ("D [DVD]", "Movies & TV|Music Artists|Presley, Elvis")
+    assert titles["E"] == ("E\u0085 Cut", "c2")
 
 
 def test_siren_release_files_by_name(spark, tmp_path):

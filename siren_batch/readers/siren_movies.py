@@ -18,18 +18,35 @@ _SIREN_HISTORY = T.StructType([
 _SIREN_ROW = strings(["user_id", "parent_asin", "timestamp", "label", "target"])
 
 
+def _history_lines(history: Column) -> Column:
+    """The history text's lines; none for a null or empty text (splitting "" gives one line)."""
+    return F.when(F.coalesce(history, F.lit("")) == "", F.array().cast("array<string>")).otherwise(
+        F.split(history, "\n"))
+
+
 def _history_lengths(line: Column) -> Column:
     """A history line whose asins, ratings and text lines differ in number cannot be
-    zipped into (item, rating, text) rows: the reason, else null."""
-    n = [F.size(line["history_asins"]), F.size(line["history_ratings"]), F.size(F.split(line["history"], "\n"))]
+    zipped into (item, rating, text) rows: the reason, else null. A missing field counts
+    as none (Spark's size of null is null, which would pass unseen and lose the line)."""
+    n = [F.coalesce(F.size(part), F.lit(0))
+         for part in (line["history_asins"], line["history_ratings"], _history_lines(line["history"]))]
     return F.when((n[0] != n[1]) | (n[0] != n[2]), F.format_string(
         "malformed_json: %d history_asins, %d history_ratings, %d history lines", *n))
 
 
+# "Title, cat1|cat2": the categories are a path, and a path's last part may hold ", " ("Music
+# Artists|Presley, Elvis"); (?s) because titles may hold line breaks Java's "." skips (\u0085).
+_WITH_PATH = r"(?s)^(.*), ([^|]*\|.*)$"
+_ANY = r"(?s)^(.*), (.*)$"
+
+
 def _split_text(desc: Column) -> tuple[Column, Column]:
-    """("Title", "cat1|cat2") from "Title, cat1|cat2", split at the LAST ", "
-    (titles may contain ", "); no ", " at all gives an empty title (-> empty_text)."""
-    return F.regexp_extract(desc, r"^(.*), (.*)$", 1), F.regexp_extract(desc, r"^(.*), (.*)$", 2)
+    """("Title", "cat1|cat2") from "Title, cat1|cat2": split at the last ", " that a category
+    path ("|") follows, else at the LAST ", " (titles may contain ", "); no ", " at all
+    gives an empty title (-> empty_text)."""
+    with_path = desc.rlike(_WITH_PATH)
+    return tuple(F.when(with_path, F.regexp_extract(desc, _WITH_PATH, k)).otherwise(F.regexp_extract(desc, _ANY, k))
+                 for k in (1, 2))
 
 
 def release_file(spark: SparkSession, folder: str, name: str) -> str:
@@ -64,7 +81,7 @@ def read_siren_movies(spark: SparkSession, cfg: Config) -> tuple[DataFrame, Data
     per_user = rows.groupBy("user_id").agg(
         F.min(F.col("timestamp").try_cast("double")).alias("_first_ts"),
         F.sum(F.when(F.col("split") == "train", 1).otherwise(0)).alias("_n_train"))
-    zipped = F.arrays_zip("history_asins", "history_ratings", F.split("history", "\n").alias("_lines"))
+    zipped = F.arrays_zip("history_asins", "history_ratings", _history_lines(F.col("history")).alias("_lines"))
     lines = (hist  # a malformed line is one row (_outer), its reject
              .select("user_id", CORRUPT, DEFECT, F.size("history_asins").alias("_n"), F.posexplode_outer(
                  F.when(F.col(DEFECT).isNull(), zipped)).alias("pos", "h"))
@@ -81,8 +98,9 @@ def read_siren_movies(spark: SparkSession, cfg: Config) -> tuple[DataFrame, Data
              .unionByName(raw_interactions(rows, "user_id", "parent_asin", "label", "timestamp",
                                             F.col("split"))))
     parsed = F.col(DEFECT).isNull()  # a malformed row is already an interaction reject
-    line_desc = F.regexp_extract("line", r"^(.*), [^,]*$", 1)  # "Title, cats, 4" -> "Title, cats"
-    descs = (lines.where(parsed).select("item_id", line_desc.alias("desc"))
+    line_desc = F.regexp_extract("line", r"(?s)^(.*), [^,]*$", 1)  # "Title, cats, 4" -> "Title, cats"
+    descs = (lines.where(parsed & F.col("pos").isNotNull())   # not the empty row of an empty history
+             .select("item_id", line_desc.alias("desc"))
              .unionByName(rows.where(parsed).select(F.col("parent_asin").alias("item_id"),
                                                     F.col("target").alias("desc")))
              .groupBy("item_id", "desc").count())  # one raw row per distinct text of an item
