@@ -223,3 +223,42 @@ def test_a_second_concurrent_run_is_refused_in_one_line(nights, tmp_path, capsys
         sleeper.wait()
     assert cli.main(["nightly", "--run-date", NIGHT2, f"warehouse={tmp_path}"]) == 2
     assert "no longer running: rerun with --break-lock" in capsys.readouterr().err
+
+
+def test_a_refit_killed_between_topics_and_item_topics_refits_again(spark, nights, tmp_path, monkeypatch):
+    """Tonight's drift decided a re-fit; the run died with the new topics written and item_topics
+    not. Resumed, it must re-fit as decided, not measure drift against its own new centroids
+    (which could fall under the threshold and mix old topic ids with new ones)."""
+    from siren_batch import warehouse
+    from siren_batch.nightly import refresh
+    from siren_batch.nightly.night import Night
+
+    wh = tmp_path / "wh"
+    shutil.copytree(nights["wh"], wh)
+    for leftover in (wh / "ml-100k" / "_nightly" / NIGHT2).glob("*.json"):   # night 2 from its topics step on
+        if leftover.name not in ("plan.json", "ingest.json", "embed.json"):
+            leftover.unlink()
+    cfg = load_config(overrides=[f"warehouse={wh}"])
+    night = Night(NIGHT2, False, str(nights["root"] / "arrivals" / NIGHT2))
+    write = warehouse.write_table
+
+    def killed_at_item_topics(df, cfg_, table, *args, **kwargs):
+        if table == "item_topics":
+            raise KeyboardInterrupt   # stands in for the kill
+        return write(df, cfg_, table, *args, **kwargs)
+
+    monkeypatch.setattr(refresh, "write_table", killed_at_item_topics)
+    monkeypatch.setattr(refresh, "drift", lambda new, stored: 5.0)   # tonight's items far out: re-fit
+    with pytest.raises(KeyboardInterrupt):
+        refresh.topics_step(spark, cfg, night, warehouse.RunRecord("nightly-topics"))
+    monkeypatch.undo()
+    decided = (wh / "ml-100k" / "_nightly" / NIGHT2 / "refit.json").read_text()
+    assert '"why": "drift' in decided
+    # Resumed, drift is no longer measured (against the new centroids it could be small): the
+    # decision stands, and every item gets a topic of the new fit.
+    monkeypatch.setattr(refresh, "drift", lambda new, stored: pytest.fail("drift measured again"))
+    out = refresh.topics_step(spark, cfg, night, warehouse.RunRecord("nightly-topics"))
+    monkeypatch.undo()
+    assert out["reclustered"] and out["why"].startswith("drift")
+    topics, item_topics = _read(wh, "topics"), _read(wh, "item_topics")
+    assert set(item_topics.topic_id) <= set(topics.topic_id) and len(item_topics) == len(_read(wh, "items"))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from pyspark.sql import DataFrame, SparkSession
@@ -11,8 +12,9 @@ from pyspark.sql import functions as F
 from siren_batch import schemas
 from siren_batch.config import Config
 from siren_batch.nightly.night import (ARRIVED_INTERACTIONS, ARRIVED_ITEMS, BROADCAST_MAX_ROWS, Night, _merge,
-                                       _partition, _partition_rows)
-from siren_batch.warehouse import RunRecord, read_table, table_exists, write_table
+                                       _partition, _partition_rows, state_dir)
+from siren_batch.warehouse import (RunRecord, path_exists, read_table, read_text, table_exists, write_table,
+                                   write_text)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,13 @@ def topics_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) 
     arrived = _partition(spark, cfg, "arrived_items", ARRIVED_ITEMS, night.run_date).select("item_id")
     rec.reads, rec.writes = ["item_embeddings", "arrived_items", "topics", "item_topics"], ["item_topics"]
     why, measured = None, None
-    if night.bootstrap or not table_exists(spark, cfg, "topics"):
+    # A re-fit is decided once (refit.json): a run killed between writing topics and item_topics
+    # must re-fit again when resumed, not measure drift against its own new centroids and mix
+    # old topic ids with new ones.
+    decided = f"{state_dir(cfg, night.run_date)}/refit.json"
+    if path_exists(spark, decided):
+        why, measured = (json.loads(read_text(spark, decided))[k] for k in ("why", "drift"))
+    elif night.bootstrap or not table_exists(spark, cfg, "topics"):
         why = "first night"
     elif cfg.nightly.recluster:
         why = "nightly.recluster"
@@ -75,6 +83,7 @@ def topics_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) 
             write_table(kept.unionByName(assigned), cfg, "item_topics", schemas.ITEM_TOPICS)
             return {"assigned": rec.output_rows, "drift": measured, "reclustered": False}
     logger.info("fitting topics (%s)", why)
+    write_text(spark, decided, json.dumps({"why": why, "drift": measured}))
     items = read_table(spark, cfg, "items", schemas.ITEMS)
     topic_df, item_topics = build_topics(embeddings, items, cfg.topics)
     topic_df = topic_df.cache()
