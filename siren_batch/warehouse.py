@@ -112,8 +112,9 @@ def write_text(spark: SparkSession, path: str, text: str) -> None:
 
 
 def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
-    """Write a small file whole: into a hidden file beside it, then renamed over it,
-    so a driver killed mid-write never leaves a file that exists but is cut short."""
+    """Write a small file whole: into a hidden file beside it, then renamed over it in one
+    step (FileContext's rename with OVERWRITE: atomic on HDFS and local disks), so a driver
+    killed mid-write never leaves a file that is cut short, nor none where one was."""
     fs, hpath = _fs_path(spark, path)
     tmp = hpath.getParent().suffix(f"/.{hpath.getName()}.{uuid.uuid4().hex[:8]}.tmp")
     stream = fs.create(tmp, True)
@@ -121,10 +122,11 @@ def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
         stream.write(bytearray(data))
     finally:
         stream.close()
-    if fs.exists(hpath):
-        fs.delete(hpath, False)
-    if not fs.rename(tmp, hpath):
-        raise OSError(f"could not rename {tmp} to {path}")
+    jvm = spark.sparkContext._jvm
+    overwrite = spark.sparkContext._gateway.new_array(jvm.org.apache.hadoop.fs.Options.Rename, 1)
+    overwrite[0] = jvm.org.apache.hadoop.fs.Options.Rename.OVERWRITE
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    jvm.org.apache.hadoop.fs.FileContext.getFileContext(fs.getUri(), conf).rename(tmp, hpath, overwrite)
 
 
 def read_text(spark: SparkSession, path: str) -> str:

@@ -102,3 +102,32 @@ def test_sweep_staging_removes_old_leftovers_only(spark, cfg):
     assert sorted(p.name for p in root.iterdir()) == ["prompts-s3a00001", "ratings-2030-01-01",
                                                       "sketches-fresh0001"]   # live, resumable, live
     assert W.sweep_staging(spark, cfg) == []
+
+
+def test_the_lock_goes_where_hadoop_puts_the_tables(spark, tmp_path, monkeypatch):
+    """A warehouse path without a scheme is fs.defaultFS's: on YARN that is HDFS, and a lock on
+    the driver's own disk would let drivers on two hosts both hold it."""
+    import types
+
+    from siren_batch import lock
+
+    assert lock._Store(spark, str(tmp_path / "_lock")).local == str(tmp_path / "_lock")   # defaultFS file:///
+    assert lock._Store(spark, "hdfs:///user/siren/wh/_lock").local is None
+
+    class Hdfs:
+        def getUri(self):
+            return types.SimpleNamespace(getScheme=lambda: "hdfs")
+
+    monkeypatch.setattr(W, "_fs_path", lambda spark_, path: (Hdfs(), None))   # fs.defaultFS=hdfs://...
+    assert lock._Store(spark, "/user/siren/wh/_lock").local is None
+
+
+def test_a_small_file_is_replaced_in_one_step(spark, tmp_path):
+    """write_text renames over the old file: no moment without one, no temporary left behind."""
+    from pathlib import Path
+
+    path = str(tmp_path / "latest.json")
+    W.write_text(spark, path, "night 1")
+    W.write_text(spark, path, "night 2")
+    assert W.read_text(spark, path) == "night 2"
+    assert sorted(p.name for p in Path(tmp_path).iterdir() if not p.name.endswith(".crc")) == ["latest.json"]
