@@ -111,6 +111,8 @@ def _fit_frame(spark: SparkSession, cfg: Config) -> tuple[Any, tuple[int, float]
     """Labelled valid pairs with the scores of calibrate.run_date and their features (pandas)."""
     ratings = read_table(spark, cfg, "ratings", schemas.RATINGS)
     run_date = cfg.calibrate.run_date or ratings.agg(F.max("run_date")).first()[0]
+    if cfg.calibrate.apply_run_date:   # refused before the fit, not after it is stored
+        _refuse_in_sample(cfg, cfg.calibrate.apply_run_date, run_date)
     scored = ratings.where((F.col("run_date") == run_date) & F.col("error").isNull())
     _check_scored_by(scored, cfg, run_date)
     truth = (read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
@@ -171,13 +173,18 @@ def calibrate(spark: SparkSession, cfg: Config) -> dict:
     return summary
 
 
+def _refuse_in_sample(cfg: Config, apply_run_date: str, valid_run_date: str | None) -> None:
+    """Calibrated columns on the valid pairs would be in-sample: the calibrator was fit on them."""
+    if cfg.score.candidates == "split:valid" or apply_run_date == valid_run_date:
+        raise ValueError(f"calibrate.apply_run_date={apply_run_date}: the calibrator is fit on the valid pairs, "
+                         "so calibrated columns there would be in-sample; apply it to a test or nightly partition")
+
+
 def _reapply(spark: SparkSession, cfg: Config, calibrator, run_date: str) -> int:
     """The calibrated columns of an already scored partition: scored by the model and
     adapter the calibrator was fit for, its features built for score.candidates (which
     must be what the partition scored: its pairs must all be there)."""
-    if cfg.score.candidates == "split:valid" or run_date == calibrator.meta.get("valid_run_date"):
-        raise ValueError(f"calibrate.apply_run_date={run_date}: the calibrator was fit on the valid pairs, so "
-                         "calibrated columns there would be in-sample; apply it to a test or nightly partition")
+    _refuse_in_sample(cfg, run_date, calibrator.meta.get("valid_run_date"))
     ratings = read_table(spark, cfg, "ratings", schemas.RATINGS).where(F.col("run_date") == run_date)
     _check_scored_by(ratings.where(F.col("error").isNull()), cfg, run_date)   # the model it was fit for
     feats = _calibrator_features(spark, cfg, ratings, calibrator).cache()

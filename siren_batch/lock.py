@@ -61,24 +61,16 @@ def is_stale(holder: dict) -> bool | None:
     return not _alive(int(holder.get("pid", -1)))
 
 
-def _on_local_disk(spark, path: str) -> bool:
-    """Whether Hadoop, which writes the tables, puts `path` on this machine's disk: a path
-    without a scheme goes to fs.defaultFS, which on YARN is HDFS; the lock must go there too,
-    or drivers on two hosts would each take their own."""
-    if local_path(path) is None:
-        return False
-    from siren_batch.warehouse import _fs_path
-
-    fs, _ = _fs_path(spark, path)
-    return str(fs.getUri().getScheme()) == "file"
-
-
 class _Store:
     """Create-if-absent, read and delete of the lock file, local or through Hadoop."""
 
     def __init__(self, spark, path: str):
+        from siren_batch.warehouse import on_local_disk
+
         self.spark, self.path = spark, path
-        self.local = local_path(path) if _on_local_disk(spark, path) else None
+        # On the disk Hadoop writes the tables to: with fs.defaultFS on HDFS (YARN), a path
+        # without a scheme is there, and a lock on the driver's disk would not be shared.
+        self.local = local_path(path) if on_local_disk(spark, path) else None
 
     def create(self, text: str) -> bool:
         if self.local is not None:

@@ -76,9 +76,14 @@ MODES = ("answer_only", "cot")
 
 def prompt_settings(cfg: Config) -> dict[str, Any]:
     """The settings a score run's prompts follow, beside the template strings: what it
-    takes to reproduce them from the stored sketches."""
-    return {"variant": cfg.score.variant, "mode": cfg.score.mode, "priors": cfg.prompts.priors,
-            "raw_history_max": cfg.prompts.raw_history_max, "think_prefill": cfg.prompts.think_prefill}
+    takes to reproduce them from the stored sketches (only those that apply to its variant
+    and mode, so that an unused one does not set two runs apart)."""
+    settings = {"variant": cfg.score.variant, "mode": cfg.score.mode, "priors": cfg.prompts.priors}
+    if cfg.score.variant == "raw":
+        settings["raw_history_max"] = cfg.prompts.raw_history_max
+    if cfg.score.mode == "cot":
+        settings["think_prefill"] = cfg.prompts.think_prefill
+    return settings
 
 
 def prompt_template_hash(cfg: Config) -> str:

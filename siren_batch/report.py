@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import datetime as dt
 import html
 import logging
@@ -190,9 +191,11 @@ def write_report(cfg: Config, run_date: str | None = None, run_id: str | None = 
     """Write reports/run-<run_date>.html and reports/latest.html (run_date
     default: the newest ratings partition, else today UTC); returns
     {"report": path, "latest": path, "run_date", counts...}."""
-    if local_path(cfg.warehouse) is None:
+    local = local_path(cfg.warehouse)
+    if local is None:
         raise ConfigError(f"the report reads the warehouse from a local disk (polars, DuckDB); {cfg.warehouse} "
                           "is not one: run it where the warehouse is mounted, with warehouse=<that path>")
+    cfg = dataclasses.replace(cfg, warehouse=local)   # file:///wh -> /wh, a path pathlib reads
     run_date = run_date or explore.latest_run_date(cfg) or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     page, numbers = render(cfg, run_date, run_id)
     folder = Path(cfg.table_path("reports"))

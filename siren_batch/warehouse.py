@@ -33,7 +33,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from siren_batch import schemas
-from siren_batch.config import Config
+from siren_batch.config import Config, local_path
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,15 @@ def _fs_path(spark: SparkSession, path: str):
     hpath = jvm.org.apache.hadoop.fs.Path(path)
     fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
     return fs, hpath
+
+
+def on_local_disk(spark: SparkSession, path: str) -> bool:
+    """Whether Hadoop puts `path` on this machine's disk: a path without a scheme goes to
+    fs.defaultFS, which on YARN is HDFS."""
+    if local_path(path) is None:
+        return False
+    fs, _ = _fs_path(spark, path)
+    return str(fs.getUri().getScheme()) == "file"
 
 
 def parquet_rows(spark: SparkSession, path: str) -> int:
@@ -112,9 +121,8 @@ def write_text(spark: SparkSession, path: str, text: str) -> None:
 
 
 def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
-    """Write a small file whole: into a hidden file beside it, then renamed over it in one
-    step (FileContext's rename with OVERWRITE: atomic on HDFS and local disks), so a driver
-    killed mid-write never leaves a file that is cut short, nor none where one was."""
+    """Write a small file whole: into a hidden file beside it, then renamed over it,
+    so a driver killed mid-write never leaves a file that exists but is cut short."""
     fs, hpath = _fs_path(spark, path)
     tmp = hpath.getParent().suffix(f"/.{hpath.getName()}.{uuid.uuid4().hex[:8]}.tmp")
     stream = fs.create(tmp, True)
@@ -122,11 +130,10 @@ def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
         stream.write(bytearray(data))
     finally:
         stream.close()
-    jvm = spark.sparkContext._jvm
-    overwrite = spark.sparkContext._gateway.new_array(jvm.org.apache.hadoop.fs.Options.Rename, 1)
-    overwrite[0] = jvm.org.apache.hadoop.fs.Options.Rename.OVERWRITE
-    conf = spark.sparkContext._jsc.hadoopConfiguration()
-    jvm.org.apache.hadoop.fs.FileContext.getFileContext(fs.getUri(), conf).rename(tmp, hpath, overwrite)
+    if fs.exists(hpath):
+        fs.delete(hpath, False)
+    if not fs.rename(tmp, hpath):
+        raise OSError(f"could not rename {tmp} to {path}")
 
 
 def read_text(spark: SparkSession, path: str) -> str:

@@ -203,6 +203,12 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
     for run_cfg, run_date in ((in_sample, "2026-01-02"), (cfg, "2026-01-01")):
         with pytest.raises(ValueError, match="calibrated columns there would be in-sample"):
             _reapply(spark, run_cfg, load_if_present(cfg), run_date)
+    # Asked to apply it to the valid run itself: refused before anything is fit or stored.
+    early = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal6'}",
+                                   "calibrate.run_date=2026-01-01", "calibrate.apply_run_date=2026-01-01"])
+    with pytest.raises(ValueError, match="calibrated columns there would be in-sample"):
+        calibrate(spark, early)
+    assert not (tmp_path / "cal6").exists()
     # Fit with a prompt setting the valid run did not use (priors forgotten, or added): refused.
     forgot = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal5'}",
                                     "calibrate.run_date=2026-01-01", "prompts.priors=true"])

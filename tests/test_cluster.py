@@ -161,8 +161,9 @@ def test_the_tiny_chain_on_a_standalone_cluster_equals_local_mode(tiny_chain, cl
     assert _executors_on_both_workers(cluster), "an executor never started on a worker"
     # Each embedding and scoring task read the GPU Spark gave it (auto would put the model there;
     # this machine's torch has no CUDA, so it says so and stays on the CPU).
-    told = [path.read_text() for path in cluster["root"].glob("worker*/app-*/*/stderr")]
-    assert any("Spark gave this task GPU" in text for text in told), "no task saw its GPU"
+    told = "".join(path.read_text() for path in cluster["root"].glob("worker*/app-*/*/stderr"))
+    for stage in ("EmbedConfig", "ScoreConfig"):
+        assert f"{stage}: Spark gave this task GPU" in told, f"no {stage} task saw its GPU"
 
 
 @pytest.mark.slow   # make test-cluster: about three minutes of six JVMs on two cores

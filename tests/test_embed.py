@@ -142,8 +142,8 @@ def test_a_task_gpu_puts_the_model_on_that_gpu(monkeypatch, caplog):
     assert backend_key(on_gpu(ScoreConfig(), 0)) != backend_key(on_gpu(ScoreConfig(), 1))
     _gpus(monkeypatch, 0)    # GPUs scheduled, but a CPU build of torch: auto runs on the CPU and says why
     with caplog.at_level("WARNING", logger="siren_batch.backends.device"):
-        assert pick_device("auto", 1) == "cpu"
-    assert "torch sees no CUDA device" in caplog.text
+        assert on_gpu(EmbedConfig(), 1).device == "cpu"
+    assert "EmbedConfig: Spark gave this task GPU 1, but torch sees no CUDA device" in caplog.text
 
 
 def test_spark_gpu_addresses_follow_sparks_own_convention():

@@ -86,8 +86,12 @@ def test_template_hash_tracks_the_template_and_the_prompt_settings(monkeypatch):
     cfg = load_config([], [])
     first = P.prompt_template_hash(cfg)
     assert len(first) == 12 and first == P.prompt_template_hash(load_config([], ["score.limit=5"]))
-    for setting in ("prompts.priors=true", "score.variant=recent", "score.mode=cot", "prompts.raw_history_max=50"):
+    for setting in ("prompts.priors=true", "score.variant=recent", "score.mode=cot"):
         assert P.prompt_template_hash(load_config([], [setting])) != first, setting
+    # A setting counts only where it applies: the raw variant's history length, cot's prefill.
+    assert P.prompt_template_hash(load_config([], ["prompts.raw_history_max=50"])) == first
+    raw = P.prompt_template_hash(load_config([], ["score.variant=raw"]))
+    assert P.prompt_template_hash(load_config([], ["score.variant=raw", "prompts.raw_history_max=50"])) != raw
     monkeypatch.setattr(P, "QUESTION", P.QUESTION + " Answer briefly.")
     assert P.prompt_template_hash(cfg) != first
 

@@ -119,11 +119,11 @@ def test_the_lock_goes_where_hadoop_puts_the_tables(spark, tmp_path, monkeypatch
             return types.SimpleNamespace(getScheme=lambda: "hdfs")
 
     monkeypatch.setattr(W, "_fs_path", lambda spark_, path: (Hdfs(), None))   # fs.defaultFS=hdfs://...
-    assert lock._Store(spark, "/user/siren/wh/_lock").local is None
+    assert lock._Store(spark, "/user/siren/wh/_lock").local is None and not W.on_local_disk(spark, "/user/siren")
 
 
-def test_a_small_file_is_replaced_in_one_step(spark, tmp_path):
-    """write_text renames over the old file: no moment without one, no temporary left behind."""
+def test_a_small_file_is_replaced_whole(spark, tmp_path):
+    """write_text replaces the old file and leaves no temporary behind."""
     from pathlib import Path
 
     path = str(tmp_path / "latest.json")

@@ -31,12 +31,13 @@ def pick_device(device: str, gpu: int | None = None) -> str:
     cuda that GPU, `cuda:<gpu>`; cpu and an explicit cuda:N stay as they are."""
     if device not in ("auto", "cuda"):
         return device
+    if gpu is not None:
+        # In an executor, before vLLM may fork its engine: asking the driver whether there is a GPU
+        # would start CUDA in this process ("poisons fork"); NVML answers without starting it.
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     import torch
 
     if not torch.cuda.is_available():
-        if gpu is not None and device == "auto":
-            logger.warning("Spark gave this task GPU %d, but torch sees no CUDA device (a CPU build of torch "
-                           "on the executors?): running on cpu", gpu)
         return "cpu" if device == "auto" else device
     if gpu is None:
         return "cuda"
@@ -52,7 +53,13 @@ def on_gpu(cfg, gpu: int | None):
     """A stage config (a dataclass with `device`) on `gpu`, the GPU Spark gave the running task
     (spark.task_gpu): auto and cuda become cuda:<gpu>, so a worker's model sits on its own
     task's GPU and its model-cache key names it. Without one, `cfg` itself."""
-    return cfg if gpu is None else dataclasses.replace(cfg, device=pick_device(cfg.device, gpu))
+    if gpu is None:
+        return cfg
+    device = pick_device(cfg.device, gpu)
+    if not is_cuda(device):
+        logger.warning("%s: Spark gave this task GPU %d, but torch sees no CUDA device (a CPU build of torch "
+                       "on the executors?): running on %s", type(cfg).__name__, gpu, device)
+    return dataclasses.replace(cfg, device=device)
 
 
 def gpu_ordinal(addresses: list[str]) -> int:

@@ -100,8 +100,11 @@ def run_night(spark: SparkSession, cfg: Config, run_date: str, *, redo: bool = F
     unfinished = [d for d in list_dir(spark, state_dir(cfg)) if d < run_date and d not in done_nights
                   and path_exists(spark, f"{state_dir(cfg, d)}/plan.json")]
     if unfinished:   # run past, it would be refused for good once this one is done: its arrivals lost
-        raise ConfigError(f"night {unfinished[0]} started but did not finish: run it again first "
-                          f"(siren-batch nightly --run-date {unfinished[0]}), then {run_date}")
+        first = unfinished[0]
+        way_out = ("" if path_exists(spark, f"{state_dir(cfg, first)}/ingest.json")
+                   else f"; it ingested nothing, so to give it up delete {state_dir(cfg, first)}")
+        raise ConfigError(f"night {first} started but did not finish: run it again first "
+                          f"(siren-batch nightly --run-date {first}), then {run_date}{way_out}")
     folder = state_dir(cfg, run_date)
     if redo:
         for name in list_dir(spark, folder):

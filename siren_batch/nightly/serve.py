@@ -9,10 +9,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas
-from siren_batch.config import Config, local_path
+from siren_batch.config import Config
 from siren_batch.nightly.night import (ARRIVED_INTERACTIONS, ARRIVED_ITEMS, DAY_MS, Night, _partition,
                                        day_end_ms, state_dir)
-from siren_batch.warehouse import RunRecord, read_table, table_exists
+from siren_batch.warehouse import RunRecord, on_local_disk, read_table, table_exists
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def evaluate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
 def report_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -> dict:
     from siren_batch.report import write_report
 
-    if local_path(cfg.warehouse) is None:   # the report reads tables and writes pages on a local disk
+    if not on_local_disk(spark, cfg.warehouse):   # the report reads tables and writes pages on a local disk
         logger.warning("nightly report skipped: the warehouse %s is not on this machine's disk; run "
                        "`siren-batch report` where it is mounted, or set nightly.report=false", cfg.warehouse)
         return {"skipped": f"warehouse {cfg.warehouse} is not local"}

@@ -28,7 +28,7 @@ def _history_lengths(line: Column) -> Column:
     """A history line whose asins, ratings and text lines differ in number cannot be
     zipped into (item, rating, text) rows: the reason, else null. A missing field counts
     as none (Spark's size of null is null, which would pass unseen and lose the line)."""
-    n = [F.coalesce(F.size(part), F.lit(0))
+    n = [F.when(part.isNull(), 0).otherwise(F.size(part))   # size(null) is null with ANSI on, else -1
          for part in (line["history_asins"], line["history_ratings"], _history_lines(line["history"]))]
     return F.when((n[0] != n[1]) | (n[0] != n[2]), F.format_string(
         "malformed_json: %d history_asins, %d history_ratings, %d history lines", *n))

@@ -34,7 +34,7 @@ import yaml
 
 from siren_batch.assets import resolve_llm
 from siren_batch.backends.device import pick_device
-from siren_batch.config import GrpoConfig, TrainConfig
+from siren_batch.config import ConfigError, GrpoConfig, TrainConfig
 from siren_batch.train import cot, model as M, objective
 from siren_batch.train.checkpoint import atomic_dir
 from siren_batch.train.rewards import parse_answer, trl_rewards
@@ -215,6 +215,9 @@ def train(warm_rows, grpo_rows, grpo: GrpoConfig, train_cfg: TrainConfig, run_di
         logger.info("run %s already finished; nothing to do", run_dir)
         return {k: v for k, v in json.loads(done.read_text()).items() if k != "log_history"}
     device = pick_device(train_cfg.device)
+    if device.startswith("cuda:"):   # TRL's trainer (accelerate) takes the process's first visible GPU
+        raise ConfigError(f"train.device={device}: the GRPO stage cannot pick a GPU by number; set "
+                          f"CUDA_VISIBLE_DEVICES={device[5:]} and train.device=cuda")
     if train_cfg.torch_threads and device == "cpu":
         torch.set_num_threads(train_cfg.torch_threads)
     bf16 = M.use_bf16(train_cfg.dtype, device)
