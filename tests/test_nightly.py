@@ -262,3 +262,14 @@ def test_a_refit_killed_between_topics_and_item_topics_refits_again(spark, night
     assert out["reclustered"] and out["why"].startswith("drift")
     topics, item_topics = _read(wh, "topics"), _read(wh, "item_topics")
     assert set(item_topics.topic_id) <= set(topics.topic_id) and len(item_topics) == len(_read(wh, "items"))
+
+
+def test_a_night_that_ingested_nothing_blocks_the_next_and_says_how_to_give_it_up(spark, tmp_path):
+    cfg = load_config(overrides=[f"warehouse={tmp_path}", f"nightly.arrivals={tmp_path}/arrivals/{{run_date}}"])
+    started = tmp_path / "ml-100k" / "_nightly" / NIGHT1
+    started.mkdir(parents=True)
+    (started / "plan.json").write_text('{"run_date": "%s", "bootstrap": true, "folder": "x"}' % NIGHT1)
+    with pytest.raises(Exception, match=rf"night {NIGHT1} started but did not finish: run it again first .* "
+                                        rf"it ingested nothing, so to give it up delete .*{NIGHT1}"):
+        nightly.run_night(spark, cfg, NIGHT2)
+    assert not (tmp_path / "ml-100k" / "_nightly" / NIGHT2).exists()
