@@ -32,8 +32,8 @@ def pick_device(device: str, gpu: int | None = None) -> str:
     if device not in ("auto", "cuda"):
         return device
     if gpu is not None:
-        # In an executor, before vLLM may fork its engine: asking the driver whether there is a GPU
-        # would start CUDA in this process ("poisons fork"); NVML answers without starting it.
+        # In an executor, before vLLM may fork its engine: asking the CUDA runtime whether there is
+        # a GPU would start CUDA in this process ("poisons fork"); NVML answers without starting it.
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     import torch
 
