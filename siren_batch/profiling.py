@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from siren_batch.assets import REPO_ROOT
+from siren_batch.backends.device import is_cuda
 
 # Where every bench-* writes its results file; SIREN_RESULTS_DIR elsewhere (the GPU kit's rehearsals).
 RESULTS_DIR = Path(os.environ.get("SIREN_RESULTS_DIR", REPO_ROOT / "notebooks" / "benchmarks"))
@@ -22,7 +23,7 @@ RESULTS_DIR = Path(os.environ.get("SIREN_RESULTS_DIR", REPO_ROOT / "notebooks" /
 def sync(device: str) -> None:
     """Wait for the work queued on a GPU, so that a timer read next sees it finished (a CPU runs
     synchronously: nothing to wait for). `device` as torch names it: cpu, cuda, cuda:1."""
-    if device.startswith("cuda"):
+    if is_cuda(device):
         import torch
 
         torch.cuda.synchronize(device)

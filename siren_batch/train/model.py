@@ -33,7 +33,7 @@ def use_bf16(dtype: str, device: str) -> bool:
 def autocast(device: str, bf16: bool):
     import torch
 
-    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+    return torch.autocast(device_type="cuda" if is_cuda(device) else "cpu",
                           dtype=torch.bfloat16, enabled=bf16)
 
 
