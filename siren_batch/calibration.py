@@ -148,10 +148,11 @@ def _check_scored_by(scored: DataFrame, cfg: Config, run_date: str) -> None:
         raise ValueError(f"ratings run_date={run_date} were scored by (model_id, adapter_id) "
                          f"{sorted(models, key=str)}, not {want}: calibrate with the score.model and score.adapter "
                          "that scored it")
-    prompts = {s[2] for s in seen} - {prompt_template_hash(cfg)}
+    mine = prompt_template_hash(cfg)
+    prompts = {s[2] for s in seen} - {mine}
     if prompts:
         raise ValueError(f"ratings run_date={run_date} were scored from other prompts (prompt_template_hash "
-                         f"{sorted(prompts)}, not {prompt_template_hash(cfg)} of {prompt_settings(cfg)}): calibrate "
+                         f"{sorted(prompts)}, not {mine} of {prompt_settings(cfg)}): calibrate "
                          "with the score.variant, score.mode and prompts.* settings that scored it")
 
 
