@@ -182,13 +182,16 @@ def _markdown(p: dict) -> str:
         lines.insert(0, "**Run on the CPU** (`--device cpu`): no GPU was available. The paths and their "
                         "agreement are real; the GPU figures, and the H100 'before' column, need a GPU run.\n")
     for shape, s in p["shapes"].items():
+        if "error" in s:
+            lines.append(f"| {shape} | failed: {s['error'][:200]} | | | | | | | |")
+            continue
         for name, r in s["paths"].items():
             before = (s["before_h100"] or {}).get("shared_per_user_b64" if name == "cross_user" else name, "")
             before = before if on_gpu else "–"
             lines.append(f"| {shape} | {name} | {r['pairs_per_s']} | {r['tflops']} | {r.get('pct_of_peak', '')} | "
                          f"{r.get('peak_memory_gib', '')} | {r.get('forward_passes', 1)} | "
                          f"{r.get('max_abs_prob_diff_vs_plain_b64', '')} | {before} |")
-    cot = {shape: s["cot"] for shape, s in p["shapes"].items()}
+    cot = {shape: s["cot"] for shape, s in p["shapes"].items() if "cot" in s}
     return "\n".join(lines) + (
         f"\n\n{p['device_name']}; bf16 matmul peak {p['matmul_peak_tflops']} TFLOP/s (measured in this run); "
         f"{p['pairs']} pairs, {p['candidates']} candidates per user, cross_user token budget {p['batch_tokens']}.\n"
@@ -223,15 +226,26 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("wrote %d prompts and the tokenizer to %s", len(texts), args.save_inputs)
         return 0
     peak = matmul_peak_flops("bfloat16", args.device, n=8192 if args.device == "cuda" else 1024, repeats=10) / 1e12
-    shapes = {shape: bench_shape(shape, tokenizer, texts, groups, args.device, peak, args.batch_tokens,
-                                 args.cot_prompts, args.max_new_tokens, args.layers)
-              for shape in args.shapes.split(",")}
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     payload = {"device_name": name, "matmul_peak_tflops": round(peak, 1), "pairs": len(texts),
-               "candidates": args.candidates, "batch_tokens": args.batch_tokens, "shapes": shapes}
-    path = write_results(args.name, payload, _markdown(payload))
-    logger.info("results written to %s", path)
-    return 0
+               "candidates": args.candidates, "batch_tokens": args.batch_tokens, "shapes": {}}
+    failed = 0
+    for shape in args.shapes.split(","):
+        # the file is rewritten after every shape: a later shape that fails or is cut off by
+        # the machine's time limit leaves the earlier shapes' figures in place
+        try:
+            payload["shapes"][shape] = bench_shape(shape, tokenizer, texts, groups, args.device, peak,
+                                                   args.batch_tokens, args.cot_prompts, args.max_new_tokens,
+                                                   args.layers)
+        except (RuntimeError, ValueError, OSError) as err:
+            logger.exception("shape %s failed", shape)
+            payload["shapes"][shape] = {"error": f"{type(err).__name__}: {err}"}
+            failed += 1
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        path = write_results(args.name, payload, _markdown(payload))
+        logger.info("results so far (%s) written to %s", ", ".join(payload["shapes"]), path)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

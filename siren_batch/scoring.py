@@ -90,7 +90,9 @@ def make_predict_fn(cfg: ScoreConfig, timers: StageTimers | None = None
 
     def predict(batch: "pd.DataFrame") -> "pd.DataFrame":
         task_cfg = on_task_gpu()
-        backend = model_cache.get_or_load(backend_key(task_cfg), lambda: load_backend(task_cfg))
+        # one scoring model per device: a worker whose settings change between jobs swaps it
+        backend = model_cache.get_or_load(backend_key(task_cfg), lambda: load_backend(task_cfg),
+                                          slot=f"scoring:{task_cfg.device}")
         prompts = [p if isinstance(p, str) else "" for p in batch["prompt"]]  # null -> empty_prompt row
         stats = getattr(backend, "stats", {})
         encoded, start = stats.get("encode_s", 0.0), time.perf_counter()

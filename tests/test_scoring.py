@@ -197,7 +197,8 @@ def test_a_failing_row_fails_alone_with_its_reason(backend, monkeypatch):
     bad = texts.index(next(t for t in texts if "Alien 3" in t))
     encode = lambda t: set(backend.tokenizer(t, add_special_tokens=False)["input_ids"])
     poison = next(iter(encode(texts[bad]) - set().union(*(encode(t) for i, t in enumerate(texts) if i != bad))))
-    forward = backend.model.forward
+    module = backend.model.get_decoder()   # what every pass calls
+    forward = module.forward
 
     def failing_forward(*args, **kw):
         if (kw["input_ids"] == poison).any():
@@ -206,12 +207,66 @@ def test_a_failing_row_fails_alone_with_its_reason(backend, monkeypatch):
 
     backend.cfg = dataclasses.replace(backend.cfg, batch_size=1, shared_prefix=False)
     expected = _probs(backend.score(texts[:bad] + texts[bad + 1:], groups[:bad] + groups[bad + 1:]))
-    monkeypatch.setattr(backend.model, "forward", failing_forward)
+    monkeypatch.setattr(module, "forward", failing_forward)
     backend.cfg = dataclasses.replace(backend.cfg, batch_size=64, batch_tokens=10**6, shared_prefix=True)
     results = backend.score(texts, groups)
     assert results[bad].error == "forward_failed: RuntimeError: poisoned row" and results[bad].probs is None
     assert results[bad].prompt_tokens == len(backend.tokenizer(texts[bad], add_special_tokens=False)["input_ids"])
     np.testing.assert_allclose(_probs(results[:bad] + results[bad + 1:]), expected, atol=1e-4)
+
+
+def test_a_batch_too_big_for_memory_scores_in_halves(backend, prompts, monkeypatch):
+    """Out of memory, a batch splits in halves until its passes fit: 6 rows that fit 2 at a
+    time score in 4 passes (1+2, 1+2), not 6, with the same numbers."""
+    import torch
+
+    texts, groups = prompts
+    backend.cfg = dataclasses.replace(backend.cfg, batch_size=64, batch_tokens=10**6, shared_prefix=False)
+    expected = _probs(backend.score(texts, groups))
+    module = backend.model.get_decoder()
+    forward, fitted = module.forward, []
+
+    def small_memory(*args, **kw):
+        if kw["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        fitted.append(kw["input_ids"].shape[0])
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(module, "forward", small_memory)
+    np.testing.assert_allclose(_probs(backend.score(texts, groups)), expected, atol=1e-5)
+    assert sorted(fitted) == [1, 1, 2, 2]
+
+
+def test_a_broken_device_is_raised_and_the_backend_leaves_the_cache(backend, prompts, monkeypatch):
+    """A CUDA error that breaks the context fails the task (Spark retries it) instead of
+    turning every later row into forward_failed, and the broken backend is not reused."""
+    import torch
+
+    texts, groups = prompts
+    assert model_cache.get_or_load("test:broken", lambda: backend) is backend
+
+    def broken(*args, **kw):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(backend.model.get_decoder(), "forward", broken)
+    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+        backend.score(texts, groups)
+    assert model_cache.get_or_load("test:broken", lambda: "reloaded") == "reloaded"
+    model_cache.discard("reloaded")
+
+
+def test_model_cache_slots_hold_one_model_each():
+    """A worker whose score settings change between jobs swaps its model, not piles them up."""
+    loads = []
+    first = model_cache.get_or_load("test:a", lambda: loads.append("a") or "model a", slot="test:cuda:0")
+    assert model_cache.get_or_load("test:a", lambda: loads.append("again") or "x", slot="test:cuda:0") == first
+    model_cache.get_or_load("test:other-gpu", lambda: loads.append("c") or "model c", slot="test:cuda:1")
+    model_cache.get_or_load("test:b", lambda: loads.append("b") or "model b", slot="test:cuda:0")
+    assert model_cache.get_or_load("test:a", lambda: loads.append("a2") or "model a") == "model a"
+    assert loads == ["a", "c", "b", "a2"]
+    assert model_cache.get_or_load("test:other-gpu", lambda: pytest.fail("cuda:1 lost its model")) == "model c"
+    for name in ("model a", "model b", "model c"):
+        model_cache.discard(name)
 
 
 def test_every_call_sets_the_configured_torch_threads(backend, prompts):

@@ -28,13 +28,11 @@ def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     >>> shared_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]])
     2
     """
-    first, common = rows[0], min(len(r) for r in rows) - 1
-    for row in rows[1:]:
-        k = 0
-        while k < common and row[k] == first[k]:
-            k += 1
-        common = k
-    return max(common, 0)
+    lo, hi = min(rows), max(rows)   # lexicographic order: their common prefix is every row's
+    common, k = min(len(r) for r in rows) - 1, 0
+    while k < common and lo[k] == hi[k]:
+        k += 1
+    return max(k, 0)
 
 
 @dataclass(frozen=True)

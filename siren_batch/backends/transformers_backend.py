@@ -14,6 +14,10 @@ tokens. Three paths give the same numbers (tests/test_scoring.py checks it):
   are sized by a token budget (`score.batch_tokens`), so a GPU gets a few large
   passes instead of one small pass per user. With a ~490-token prefix and 10
   candidates per user this processes ~5x fewer tokens than plain batches.
+
+A failing pass is split in halves until the rows that fail stand alone (out of GPU
+memory, the failed pass's memory is freed first); a broken CUDA context is raised, and
+the backend leaves the worker's model cache, so Spark's retry does not reuse it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from siren_batch import model_cache
 from siren_batch.assets import llm_id, resolve_llm
 from siren_batch.config import ScoreConfig
 from siren_batch.backends.base import SCALE, ScoreResult, parse_answer, rating_token_ids, readout
@@ -53,6 +58,15 @@ class Context(NamedTuple):
                        self.mask.index_select(0, index), self.lengths.index_select(0, index), self.width)
 
 
+def _fatal(err: BaseException) -> bool:
+    """A CUDA error that leaves the context broken (a device-side assert, an illegal
+    address): every later call on this process fails too. Out of memory is not one."""
+    import torch
+
+    broken = getattr(torch, "AcceleratorError", None)
+    return broken is not None and isinstance(err, broken) and not isinstance(err, torch.OutOfMemoryError)
+
+
 def _generated_length(new: list[int], eos: set[int], pad: int) -> int:
     """Tokens really generated: up to and including the first EOS, else up to padding.
 
@@ -65,6 +79,18 @@ def _generated_length(new: list[int], eos: set[int], pad: int) -> int:
         if tok == pad:
             return k
     return len(new)
+
+
+def _cache(kv: list, rows: int):
+    """A DynamicCache over (keys, values) per layer, expanded to `rows` (a batch-of-one
+    root serves every row) without a copy: the forward's own concatenation is the
+    only one (DynamicCache's constructor would concatenate onto an empty tensor)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache([(k[:, :, :0], v[:, :, :0]) for k, v in kv])   # empty layers of the right kind
+    for layer, (keys, values) in zip(cache.layers, kv):
+        layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
+    return cache
 
 
 class TransformersBackend:
@@ -135,12 +161,18 @@ class TransformersBackend:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
 
-    def _pad(self, rows: list[list[int]], left: bool = True):
+    def _pad(self, rows: list[list[int]], left: bool = True, count: bool = True):
         """(input ids, mask) of token rows padded to the longest: LEFT for a readout at the
-        last position, RIGHT for a prefix whose continuations follow its real tokens."""
+        last position, RIGHT for a prefix whose continuations follow its real tokens.
+        count: one forward pass of these rows, in stats (counted here, on the host: a
+        count of the device's mask would wait for the GPU)."""
         import torch
 
         width = max(len(r) for r in rows)
+        if count:
+            self.stats["forward_passes"] += 1
+            self.stats["tokens"] += sum(len(r) for r in rows)
+            self.stats["padded_tokens"] += len(rows) * width
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, row in enumerate(rows):
@@ -153,18 +185,15 @@ class TransformersBackend:
         """Logits (float32, on the device) of the rating tokens after each row, each row
         continuing its own row of `prefix` (a batch-of-one prefix serves every row)."""
         import torch
-        from transformers import DynamicCache
 
         input_ids, mask = self._pad(rows)
-        self._count(mask)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         extra = {"use_cache": False}
         if prefix is not None:
             b = len(rows)
             positions = positions + prefix.lengths[:, None]
             mask = torch.cat([prefix.mask.expand(b, -1), mask], dim=1)
-            cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix.kv])
-            extra = {"use_cache": True, "past_key_values": cache}
+            extra = {"use_cache": True, "past_key_values": _cache(prefix.kv, b)}
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                              logits_to_keep=1, **extra)
@@ -174,46 +203,57 @@ class TransformersBackend:
         """Run token rows (right padded) on top of `root` (batch of one, shared) and keep
         their KV cache: the context their continuations attend to."""
         import torch
-        from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
         start = root.width if root else 0
         input_ids, mask = self._pad(rows, left=False)
         b, width = input_ids.shape
         positions = torch.arange(start, start + width, device=self.device).expand(b, -1)
-        cache = (DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in root.kv])
-                 if root else None)
+        cache = _cache(root.kv, b) if root else None
         with torch.inference_mode():
             # no mask needed: with right padding, causal attention keeps every real token
             # off the pads that follow it (pads see real tokens, so nothing is all-masked)
             cache = self.model(input_ids=input_ids, position_ids=positions, past_key_values=cache,
                                use_cache=True, logits_to_keep=1).past_key_values
         self.stats["prefix_passes"] += 1
-        self._count(mask)
         if not all(type(layer) is DynamicLayer for layer in cache.layers):  # sliding window etc.
             raise ValueError("shared prefix needs a plain full-attention KV cache")
         key_mask = mask if root is None else torch.cat([root.mask.expand(b, -1), mask], dim=1)
         return Context([(layer.keys, layer.values) for layer in cache.layers], key_mask,
                        mask.sum(-1) + start, start + width)
 
-    def _count(self, mask) -> None:
-        self.stats["forward_passes"] += 1
-        self.stats["tokens"] += int(mask.sum())
-        self.stats["padded_tokens"] += int(mask.numel())
+    def _run_guarded(self, rows: list[int], ids: list[list[int]], results: list, fn, top: bool = True) -> None:
+        """fn(rows) fills results. A failing batch is split in halves until the rows that
+        fail stand alone, so a bad row costs only itself and ~2 log2(batch) extra passes."""
+        failure = self._attempt(fn, rows)
+        if failure is None:
+            return
+        if len(rows) > 1:
+            if top:
+                logger.warning("batch of %d failed (%s); retrying in halves", len(rows), failure)
+            half = len(rows) // 2
+            self._run_guarded(rows[:half], ids, results, fn, top=False)
+            self._run_guarded(rows[half:], ids, results, fn, top=False)
+        else:
+            results[rows[0]] = ScoreResult.failed(f"forward_failed: {failure}", len(ids[rows[0]]))
 
-    def _run_guarded(self, rows: list[int], ids: list[list[int]], results: list, fn) -> None:
-        """fn(rows) fills results; a failing batch is retried row by row so one bad row
-        costs only itself."""
+    def _attempt(self, fn, *args) -> str | None:
+        """fn(*args); None, or why it failed. The retry runs after the except block has
+        let go of the failed pass (its traceback holds the pass's tensors), with the
+        CUDA allocator's cache emptied. A broken CUDA context is raised (module doc)."""
         try:
-            fn(rows)
+            fn(*args)
+            return None
         except (RuntimeError, ValueError) as err:
-            if len(rows) > 1:
-                logger.warning("batch of %d failed (%s); retrying one by one", len(rows), err)
-                for row in rows:
-                    self._run_guarded([row], ids, results, fn)
-            else:
-                results[rows[0]] = ScoreResult.failed(f"forward_failed: {type(err).__name__}: {err}",
-                                                      len(ids[rows[0]]))
+            if _fatal(err):
+                model_cache.discard(self)
+                raise
+            failure = f"{type(err).__name__}: {err}"
+        if is_cuda(self.device):
+            import torch
+
+            torch.cuda.empty_cache()
+        return failure
 
     def _fill(self, rows: list[int], ids: list[list[int]], logits, results: list) -> None:
         logits = logits.cpu().numpy()
@@ -275,17 +315,20 @@ class TransformersBackend:
         prefix pass is retried user by user, and a user whose prefix cannot run scores
         its rows alone, so an error stays with the rows that cause it."""
         start = root.width if root else 0
-        try:
-            context = self._extend([ids[p.rows[0]][start:p.length] for p in bucket], root)
-        except (RuntimeError, ValueError) as err:
-            logger.warning("prefix pass of %d users failed (%s); retrying smaller", len(bucket), err)
+        made: list = []
+        failure = self._attempt(lambda: made.append(self._extend([ids[p.rows[0]][start:p.length] for p in bucket],
+                                                                  root)))
+        if failure is not None:
+            logger.warning("prefix pass of %d users failed (%s); retrying smaller", len(bucket), failure)
             if len(bucket) > 1:
-                for user in bucket:
-                    self._score_bucket([user], ids, root, results)
+                half = len(bucket) // 2
+                self._score_bucket(bucket[:half], ids, root, results)
+                self._score_bucket(bucket[half:], ids, root, results)
             else:
-                for row in bucket[0].rows:
-                    self._run_guarded([row], ids, results, lambda r: self._score_plain(r, ids, root, results))
+                self._run_guarded(list(bucket[0].rows), ids, results,
+                                  lambda r: self._score_plain(r, ids, root, results))
             return
+        context = made[0]
         owner = {row: u for u, user in enumerate(bucket) for row in user.rows}
         cut = {row: user.length for user in bucket for row in user.rows}
         done: list = []  # (rows, logits on the device): read back once, after the last pass
@@ -315,7 +358,6 @@ class TransformersBackend:
         todo = [i for i in range(len(prompts)) if i not in errors]
         for batch in self._batches(todo, ids):
             input_ids, mask = self._pad([ids[i] for i in batch])
-            self._count(mask)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
                 states = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
@@ -331,14 +373,16 @@ class TransformersBackend:
         ids, errors = self._encode(prompts, reserve=self.cfg.max_new_tokens)
         results: list[ScoreResult | None] = [errors.get(i) for i in range(len(prompts))]
         todo = [i for i in range(len(prompts)) if i not in errors]
-        for batch in self._batches(todo, ids):
+        # sized for what the pass holds at its end: the prompt and every new token
+        for batch in chunk_by_tokens(todo, lambda i: len(ids[i]), self.cfg.batch_size, self.cfg.batch_tokens,
+                                     context=self.cfg.max_new_tokens):
             self._run_guarded(batch, ids, results, lambda r: self._generate(r, ids, results))
         return results
 
     def _generate(self, rows: list[int], ids: list[list[int]], results: list) -> None:
         import torch
 
-        input_ids, mask = self._pad([ids[i] for i in rows])
+        input_ids, mask = self._pad([ids[i] for i in rows], count=False)
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
                                       max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.pad_id)
