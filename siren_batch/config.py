@@ -389,7 +389,9 @@ class GrpoConfig:
     epochs: float = 1.0               # the reference ran 2
     group_size: int = 8               # completions per prompt
     batch_size: int = 8               # completions per optimizer step (a multiple of group_size)
-    lr: float = 1e-6
+    # null: 1e-6 for full fine-tuning (the reference's), 2e-5 for LoRA (its B matrix starts
+    # at zero: at 1e-6 a few hundred steps leave the adapter near nothing)
+    lr: float | None = None
     kl_coef: float = 0.001            # beta of the KL term to the warm-up model
     temperature: float = 1.0
     max_prompt_tokens: int = 2048     # longer prompts are skipped and counted
@@ -402,8 +404,19 @@ class GrpoConfig:
         _require(self.batch_size % self.group_size == 0, "grpo.batch_size must be a multiple of grpo.group_size")
         _require(self.warmup_examples >= 0 and self.checkpoint_every > 0, "grpo.warmup_examples must be >= 0, "
                  "grpo.checkpoint_every > 0")
-        _require(self.lr > 0 and self.warmup_lr > 0 and self.epochs > 0 and self.kl_coef >= 0,
+        _require((self.lr is None or self.lr > 0) and self.warmup_lr > 0 and self.epochs > 0 and self.kl_coef >= 0,
                  "grpo.lr, grpo.warmup_lr and grpo.epochs must be > 0, grpo.kl_coef >= 0")
+
+    @property
+    def learning_rate(self) -> float:
+        """grpo.lr, or its default for grpo.method (above).
+
+        >>> GrpoConfig().learning_rate, GrpoConfig(method="full").learning_rate, GrpoConfig(lr=3e-5).learning_rate
+        (2e-05, 1e-06, 3e-05)
+        """
+        if self.lr is not None:
+            return self.lr
+        return 1e-6 if self.method == "full" else 2e-5
 
 
 ALIGN_VARIANTS = ("ce", "kd", "kd+ce", "ha+ce", "ha")

@@ -108,9 +108,10 @@ def send_run_back(run_dir: Path, config: Path, out: Path, dataset: str, report: 
         return {"parts": [{**p, "whole_sha256": whole_sha256} for p in parts]}
 
 
-def returned_runs(results: Path, tmp: Path) -> list[Path]:
+def returned_runs(results: Path, tmp: Path, problems: list[str] | None = None) -> list[Path]:
     """The run folders a call sent back as <dataset>.tar.partN, joined (sha256 checked
-    against the call's report when it lists them) and unpacked under tmp."""
+    against the call's report when it lists them) and unpacked under tmp. With `problems`,
+    a dataset whose parts do not join or unpack is listed there and the others still come."""
     tmp.mkdir(parents=True, exist_ok=True)
     reports = [json.loads(p.read_text()) for p in results.glob("gpu_kit-*.json")]
     sums = {part["name"]: part for report in reports for step in report.get("steps", {}).values()
@@ -120,16 +121,25 @@ def returned_runs(results: Path, tmp: Path) -> list[Path]:
         by_dataset.setdefault(part.name.split(".tar.part")[0], []).append(part)
     runs = []
     for dataset, parts in sorted(by_dataset.items()):
-        parts.sort(key=lambda p: int(p.name.rsplit("part", 1)[1]))
-        whole = tmp / f"{dataset}.tar"
-        with whole.open("wb") as joined:
-            for part in parts:
-                joined.write(part.read_bytes())
-        want = sums.get(parts[0].name, {}).get("whole_sha256")
-        if want and sha256(whole) != want:
-            raise SystemExit(f"gpu-kit: {dataset}'s returned parts do not join into what was sent "
-                             f"(sha256 differs; {len(parts)} parts here): fetch the call's files again")
-        with tarfile.open(whole) as tar:
-            tar.extractall(tmp / dataset, filter="data")
-        runs += sorted(p for p in (tmp / dataset).iterdir() if p.is_dir())
+        try:
+            runs += _joined_run(dataset, parts, sums, tmp)
+        except (SystemExit, tarfile.TarError, OSError, EOFError) as err:
+            if problems is None:
+                raise
+            problems.append(f"{dataset}: {err}")
     return runs
+
+
+def _joined_run(dataset: str, parts: list[Path], sums: dict, tmp: Path) -> list[Path]:
+    parts.sort(key=lambda p: int(p.name.rsplit("part", 1)[1]))
+    whole = tmp / f"{dataset}.tar"
+    with whole.open("wb") as joined:
+        for part in parts:
+            joined.write(part.read_bytes())
+    want = sums.get(parts[0].name, {}).get("whole_sha256")
+    if want and sha256(whole) != want:
+        raise SystemExit(f"gpu-kit: {dataset}'s returned parts do not join into what was sent "
+                         f"(sha256 differs; {len(parts)} parts here): fetch the call's files again")
+    with tarfile.open(whole) as tar:
+        tar.extractall(tmp / dataset, filter="data")
+    return sorted(p for p in (tmp / dataset).iterdir() if p.is_dir())

@@ -5,8 +5,9 @@ no model weights; each call carries at most 64 MiB and returns what it leaves in
 $OUT. So everything is packed here, in two halves, one per call:
 
     make gpu-kit                                  # here: build/gpu-kit/call1, call2 (Spark, the warehouse)
-    python3 -m siren_batch.gpu_kit run --kit build/gpu-kit/call1 --out $OUT --minutes 3   # there, call 1
-    python3 -m siren_batch.gpu_kit run --kit build/gpu-kit/call2 --out $OUT --minutes 7   # there, call 2
+    python3 -m siren_batch.gpu_kit run --kit build/gpu-kit/call1 --out $OUT --minutes 1 --no-bench  # call 1
+    python3 -m siren_batch.gpu_kit run --kit build/gpu-kit/call2 --out $OUT --minutes 7   # call 2, at once
+    python3 -m siren_batch.gpu_kit run --kit build/gpu-kit/call1 --out $OUT --minutes 3   # call 3: the bench
     python -m siren_batch.gpu_kit unpack <the returned folder>                            # here again
 
 - call 1 carries the first half of the default LLM's GGUF file, which `run` keeps in
@@ -166,8 +167,6 @@ def run(kit: Path, out: Path, minutes: float, stash: Path = DEFAULT_STASH, bench
     """Do what this call's half of the kit allows (module doc), within `minutes`;
     everything worth keeping goes under `out`, with gpu_kit-<call>.json."""
     deadline = time.monotonic() + 60 * minutes
-    # before CUDA starts: packed rows of varying width fragment the caching allocator
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if (kit / "pylib").is_dir():   # the packed gguf reader, before transformers looks for it
         sys.path.insert(0, str(kit / "pylib"))
         importlib.invalidate_caches()
@@ -189,8 +188,8 @@ def run(kit: Path, out: Path, minutes: float, stash: Path = DEFAULT_STASH, bench
     if (kit / "runs").is_dir():
         try:
             model_dir = _model(kit, stash, manifest, report)
-        except SystemExit as stop:   # e.g. call 1's half not here: the report says so, then the call ends
-            report["steps"]["model"] = {"failed": str(stop)}
+        except (SystemExit, Exception) as stop:   # e.g. call 1's half not here: the report says so, then
+            report["steps"]["model"] = {"failed": f"{type(stop).__name__}: {stop}"}   # the call ends
             save()
             raise
         runs = sorted(p for p in (kit / "runs").iterdir() if p.is_dir())
@@ -343,9 +342,17 @@ def unpack(results: Path, force: bool = False) -> list[Path]:
         shutil.copy(bench, RESULTS_DIR / bench.name)
         placed.append(RESULTS_DIR / bench.name)
     local = resolve_llm("default")
+    problems: list[str] = []   # one dataset's bad parts or clash must not keep the others from their place
     with tempfile.TemporaryDirectory() as tmp:
-        for run_dir in returned_runs(results, Path(tmp)):
-            placed.append(_place(run_dir, local, force))
+        for run_dir in returned_runs(results, Path(tmp), problems):
+            try:
+                placed.append(_place(run_dir, local, force))
+            except SystemExit as err:
+                problems.append(str(err))
+    if problems:
+        for path in placed:
+            print(f"placed {path}")
+        raise SystemExit("gpu-kit: not placed: " + "; ".join(problems))
     return placed
 
 

@@ -67,6 +67,8 @@ def _student_cfg(path, **kw) -> TrainConfig:
     ("<think>x</think><answer>4</answer> more", 4.0, -1.0, 2.0),        # text after the answer
     ("<think>a</think><think>b</think><answer>4</answer>", 4.0, -1.0, 2.0),
     ("<think>x</think><answer>4</answer><answer>2</answer>", 2.0, -1.0, 2.0),   # the last answer is read
+    ("<think>a<answer>3</answer></think><answer>4</answer>", 4.0, -1.0, 2.0),   # an answer in the reasoning
+    ("<think>a</think>b</think><answer>4</answer>", 4.0, -1.0, 2.0),     # a stray closing tag
     ("<think>x</think><answer>four</answer>", 4.0, 1.0, -2.0),           # unparseable
     ("I think 4", 4.0, -1.0, -2.0),
 ])
@@ -275,13 +277,16 @@ def test_alignment_loss_falls(tiny_qwen3, tok, tmp_path):
 
 def test_align_train_end_to_end_from_a_teacher_cache(tiny_qwen3, tok, tmp_path):
     """A run whose teacher chain of thought is already cached (as after a kill): it keeps
-    the rows answered right, caches their states, trains, writes an adapter that exports."""
+    the rows answered right in a well-formed chain of thought, caches their states, trains,
+    writes an adapter that exports."""
     rows = _rows(tok)
     cfg = AlignConfig(shard_rows=4, epochs=2.0, warmup_steps=0)
     student = _student_cfg(tiny_qwen3)
     folder = align.open_cache(tmp_path / "teacher", align.manifest(rows, str(tiny_qwen3), cfg))
     answers = [f"<think>{g}</think>\n<answer>{fmt}</answer>" for g, fmt in
                zip(rows["item_id"], ["5", "1", "2", "1", "4", "9", "4", "2", "x"])]
+    # the last row answers right, but without its reasoning: parsed, not kept
+    answers[8] = f"<answer>{rows['label'][8]:g}</answer>"
     for shard, start in enumerate(range(0, len(rows), 4)):
         (folder / f"cot-{shard:05d}.json").write_text(json.dumps(answers[start:start + 4]))
     valid = align.student_rows(rows, [0, 1, 2])
@@ -289,10 +294,10 @@ def test_align_train_end_to_end_from_a_teacher_cache(tiny_qwen3, tok, tmp_path):
     counts = summary["teacher_counts"]
     right = sum(abs(min(float(a), 5.0) - r) == 0 for a, r in zip(["5", "1", "2", "1", "4", "9", "4", "2"],
                                                                    rows["label"]))
-    assert counts["rows"] == 9 and counts["parsed"] == 8 and counts["kept"] == right
-    assert summary["train_rows"] == right and summary["status"] == "done"
-    assert sorted(p.name for p in folder.glob("states-*")) == [f"states-{k:05d}.pt"
-                                                               for k in range((right + 3) // 4)]
+    assert counts["rows"] == 9 and counts["parsed"] == 9 and counts["well_formed"] == 8
+    assert counts["kept"] == right and summary["train_rows"] == right and summary["status"] == "done"
+    [states] = folder.glob("states-*")   # one folder per selection of rows: another keep_within gets its own
+    assert sorted(p.name for p in states.glob("*.pt")) == [f"states-{k:05d}.pt" for k in range((right + 3) // 4)]
     assert (tmp_path / "best" / "adapter_config.json").exists()
     meta = json.loads((tmp_path / "training_meta.json").read_text())
     assert meta["align_variant"] == "ha" and meta["lora_targets"] == ["k_proj", "v_proj"]
@@ -352,6 +357,15 @@ def test_cot_rows_carry_the_sketch_evidence_and_grpo_rows_do_not_overlap(spark, 
     assert len(warm) == 4 and 1 <= len(grpo) <= 6
     assert not set(zip(warm["user_id"], warm["item_id"])) & set(zip(grpo["user_id"], grpo["item_id"]))
 
+    # stage 2's teacher rows leave out the pairs whose answers the warm-up taught
+    from siren_batch.train.stages import align_rows
+
+    cfg.align = dataclasses.replace(cfg.align, examples=6)
+    taught = warm[["user_id", "item_id"]].values.tolist()
+    picked = align_rows(spark, cfg, cfg, taught)
+    assert len(picked) == 6 and not {tuple(p) for p in taught} & set(zip(picked["user_id"], picked["item_id"]))
+    assert len(align_rows(spark, cfg, cfg, [])) == 6
+
     # a configured teacher writes one completion per warm-up row, in the rows' order
     from siren_batch.train.stages import _teacher_rationales
 
@@ -372,6 +386,15 @@ def test_stage_two_student_config_and_a_missing_export_say_what_to_do(cfg, tmp_p
     with pytest.raises(FileNotFoundError, match="siren-batch export train.name=grpo"):
         student_config(cfg)
     (run / "export").mkdir()
+    # a teacher trained with another think_prefill would reason from prompts it never saw
+    from siren_batch.train.stages import stage1_meta
+
+    (run / "training_meta.json").write_text(json.dumps({"stage": "grpo", "think_prefill": False}))
+    cfg.prompts = dataclasses.replace(cfg.prompts, think_prefill=True)
+    with pytest.raises(ValueError, match="trained with prompts.think_prefill=false"):
+        stage1_meta(cfg)
+    cfg.prompts = dataclasses.replace(cfg.prompts, think_prefill=False)
+    assert stage1_meta(cfg)["stage"] == "grpo"
     student = student_config(cfg).train
     assert student.base_model == str(run / "export") and student.lora_targets == ["k_proj", "v_proj"]
     assert (student.name, student.method, student.schedule, student.lr) == ("align", "lora", "constant", 1e-4)

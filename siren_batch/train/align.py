@@ -40,7 +40,7 @@ from siren_batch.config import AlignConfig, TrainConfig
 from siren_batch.prompts import answer_only_of
 from siren_batch.train import batching, cot, model as M, objective
 from siren_batch.train.loop import SFTRun
-from siren_batch.train.rewards import parse_answer
+from siren_batch.train.rewards import format_reward, parse_answer
 
 logger = logging.getLogger(__name__)
 
@@ -90,24 +90,39 @@ def teacher_cot(model, tokenizer, prompts: list[str], cfg: AlignConfig, folder: 
     return out
 
 
-def select(completions: list[str], labels, keep_within: float) -> tuple[list[int], dict]:
-    """Rows whose teacher answer parses and lies within keep_within of the label, and counts.
+def select(completions: list[str], labels, keep_within: float, prefill: str = "") -> tuple[list[int], dict]:
+    """Rows whose teacher answer parses and lies within keep_within of the label, in a
+    well-formed chain of thought (stage 1's format rule: one <think>…</think>, then one
+    <answer>…</answer>, so the state taken at `<answer>` is the answer's); and counts.
+    prefill: the text the prompts end with that belongs to the answer (`<think>\\n`).
 
-    >>> select(["<answer>4</answer>", "<answer>2</answer>", "no"], [4.0, 5.0, 3.0], 0.0)
-    ([0], {'rows': 3, 'parsed': 2, 'kept': 1, 'teacher_mae': 1.5})
+    >>> t = "<think>x</think><answer>{}</answer>"
+    >>> select([t.format(4), t.format(2), "no", "<answer>4</answer>"], [4.0, 5.0, 3.0, 4.0], 0.0)
+    ([0], {'rows': 4, 'parsed': 3, 'well_formed': 2, 'kept': 1, 'teacher_mae': 1.5})
     """
-    answers = [parse_answer(c) for c in completions]
+    answers = [parse_answer(prefill + c) for c in completions]
     parsed = [(i, a) for i, a in enumerate(answers) if a is not None]
-    errors = [abs(min(max(a, 1.0), 5.0) - float(labels[i])) for i, a in parsed]
-    kept = [i for (i, _), e in zip(parsed, errors) if e <= keep_within + 1e-9]   # a parsed answer has its <answer>
-    return kept, {"rows": len(completions), "parsed": len(parsed), "kept": len(kept),
+    formed = [(i, a) for i, a in parsed if format_reward(prefill + completions[i]) > 0]
+    errors = [abs(min(max(a, 1.0), 5.0) - float(labels[i])) for i, a in formed]
+    kept = [i for (i, _), e in zip(formed, errors) if e <= keep_within + 1e-9]
+    return kept, {"rows": len(completions), "parsed": len(parsed), "well_formed": len(formed), "kept": len(kept),
                   "teacher_mae": round(float(np.mean(errors)), 4) if errors else None}
+
+
+def states_folder(folder: Path, kept: list[int], keep_within: float) -> Path:
+    """Where the states of these kept rows are cached: a folder per selection, so a run with
+    another align.keep_within never reads shards whose rows were other rows."""
+    key = hashlib.sha256(json.dumps([kept, keep_within]).encode()).hexdigest()[:12]
+    path = folder / f"states-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def teacher_states(model, tokenizer, texts: list[str], rating_ids: list[int], cfg: AlignConfig, folder: Path,
                    device: str, bf16: bool):
     """(states [n, L, H] bf16, rating logits [n, 5] fp32) at the last token of each text
-    (prompt + chain of thought up to `<answer>`), cached in shards."""
+    (prompt + chain of thought up to `<answer>`), cached in shards of `folder`
+    (states_folder: one per selection of rows)."""
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -132,7 +147,10 @@ def teacher_states(model, tokenizer, texts: list[str], rating_ids: list[int], cf
         saved = torch.load(path, weights_only=True)
         states.append(saved["states"])
         logits.append(saved["logits"])
-    return torch.cat(states), torch.cat(logits)
+    states, logits = torch.cat(states), torch.cat(logits)
+    if len(states) != len(texts):
+        raise ValueError(f"teacher cache {folder} holds {len(states)} rows for {len(texts)} texts: delete it")
+    return states, logits
 
 
 # ---- the objective ----------------------------------------------------------------------
@@ -191,10 +209,11 @@ def student_rows(rows, kept: list[int]):
 
 
 def train(rows, valid_rows, align: AlignConfig, student: TrainConfig, run_dir: Path, meta: dict | None = None,
-          callbacks: list | None = None) -> dict:
+          callbacks: list | None = None, prefill: str = "") -> dict:
     """Steps 1-3 of the module doc. rows: chain-of-thought prompts with labels
     (train.data.cot_rows); valid_rows: answer-only prompts (train.data.training_rows);
-    student.base_model is the teacher (stage-1) model."""
+    student.base_model is the teacher (stage-1) model; prefill: the text the cot prompts
+    end with that belongs to the answer (prompts.THINK_PREFILL with prompts.think_prefill)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,16 +230,17 @@ def train(rows, valid_rows, align: AlignConfig, student: TrainConfig, run_dir: P
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).to(device)
     completions = teacher_cot(teacher, tokenizer, list(rows["prompt"]), align, folder, device)
-    kept, counts = select(completions, rows["label"].to_numpy(), align.keep_within)
-    logger.info("teacher answers: %d rows, %d parsed, %d within %.2f of the label (teacher MAE %s)",
-                counts["rows"], counts["parsed"], counts["kept"], align.keep_within, counts["teacher_mae"])
+    kept, counts = select(completions, rows["label"].to_numpy(), align.keep_within, prefill)
+    logger.info("teacher answers: %d rows, %d parsed, %d well formed, %d within %.2f of the label (teacher MAE %s)",
+                counts["rows"], counts["parsed"], counts["well_formed"], counts["kept"], align.keep_within,
+                counts["teacher_mae"])
     if not kept:
         raise ValueError(f"the teacher answered none of {counts['rows']} prompts within align.keep_within="
                          f"{align.keep_within} ({counts['parsed']} parsed): train stage 1 further (make train-grpo),"
                          " raise align.keep_within or align.max_new_tokens")
     texts = [rows["prompt"].iloc[i] + cot.until_answer(completions[i]) for i in kept]
-    states, logits = teacher_states(teacher, tokenizer, texts, rating_token_ids(tokenizer), align, folder,
-                                    device, bf16)
+    states, logits = teacher_states(teacher, tokenizer, texts, rating_token_ids(tokenizer), align,
+                                    states_folder(folder, kept, align.keep_within), device, bf16)
     del teacher
     info = {**(meta or {}), "stage": "align", "align_variant": align.variant, "teacher": teacher_path,
             "teacher_cache": str(folder), "teacher_counts": counts}

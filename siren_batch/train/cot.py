@@ -83,8 +83,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     decoded without special tokens, in prompt order."""
     import torch
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    own_pad = tokenizer.pad_token
+    if own_pad is None:             # Llama-3-style tokenizers have none: pad with EOS (masked anyway)
+        tokenizer.pad_token = tokenizer.eos_token
+    pad = tokenizer.pad_token_id
     out: list[str] = []
     try:
         model.eval()
@@ -99,4 +102,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             out.extend(tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
+        if own_pad is None:
+            tokenizer.pad_token = None
     return out

@@ -64,6 +64,15 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _loss(meta: dict) -> str:
+    """The training loss as the card names it (stage 2 names its alignment variant).
+
+    >>> _loss({"loss": "ce"}), _loss({"loss": "ce", "stage": "align", "align_variant": "ha"})
+    ('ce', 'alignment: ha')
+    """
+    return f"alignment: {meta['align_variant']}" if meta.get("stage") == "align" else meta["loss"]
+
+
 def model_card(meta: dict, test: dict | None, run_dir: Path) -> str:
     """README.md of the export: what it is, how to read its output, how it scored."""
     best = meta.get("best") or {}
@@ -71,8 +80,8 @@ def model_card(meta: dict, test: dict | None, run_dir: Path) -> str:
             if meta["method"] == "lora" else "full fine-tuning")
     rows = [("base model", f"`{meta.get('base_model_option', meta['base_model'])}` ({meta['base_model']})"),
             ("dataset", meta.get("dataset", "?")), ("training rows", meta.get("train_rows")),
-            ("valid rows", meta.get("valid_rows")), ("method", lora), ("loss / target", f"{meta['loss']} / "
-                                                                                       f"{meta['target']}"),
+            ("valid rows", meta.get("valid_rows")), ("method", lora),
+            ("loss / target", f"{_loss(meta)} / {meta['target']}"),
             ("prompt variant", f"{meta.get('variant')} (answer-only)"), ("config hash", meta.get("config_hash")),
             ("best step", best.get("step")), ("examples seen (run)", meta.get("examples_seen")),
             ("device / autocast", f"{meta.get('device')} / {meta.get('autocast')}")]

@@ -171,7 +171,7 @@ def run_grpo(prompts: list[str], labels: list[float], grpo: GrpoConfig, train: T
     funcs, weights = trl_rewards(float(objective.VALUES[0]), float(objective.VALUES[-1]), prefill)
     out = run_dir / "grpo-checkpoints"
     args = GRPOConfig(**_common_args(out, grpo, train, device, bf16), num_train_epochs=grpo.epochs,
-                      learning_rate=grpo.lr, beta=grpo.kl_coef, num_generations=grpo.group_size,
+                      learning_rate=grpo.learning_rate, beta=grpo.kl_coef, num_generations=grpo.group_size,
                       per_device_train_batch_size=grpo.batch_size, max_completion_length=grpo.max_completion_tokens,
                       temperature=grpo.temperature, reward_weights=weights, lr_scheduler_type="constant")
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, processing_class=tokenizer,
@@ -247,5 +247,8 @@ def train(warm_rows, grpo_rows, grpo: GrpoConfig, train_cfg: TrainConfig, run_di
               "scale": list(objective.SCALE), "prediction": "E[r] answer-only, or the <answer> of a chain of thought"}
     (run_dir / "training_meta.json").write_text(json.dumps(
         {**summary, **scorer, "base_model": str(start), "lora_r": train_cfg.lora_r, "lora_alpha": train_cfg.lora_alpha,
-         "lora_targets": list(train_cfg.lora_targets), "best": None, "train_rows": len(prompts)}, indent=1))
+         "lora_targets": list(train_cfg.lora_targets), "best": None, "train_rows": len(prompts),
+         # the pairs whose answers the warm-up taught: stage 2 leaves them out of its teacher's rows
+         "warmup_pairs": warm_rows[["user_id", "item_id"]].astype(str).values.tolist() if len(warm_rows) else []},
+        indent=1))
     return summary

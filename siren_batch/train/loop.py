@@ -61,13 +61,18 @@ class SFTRun:
         self.params = M.trainable_params(self.model)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = len(self.order)
+        warmup = cfg.warmup_steps
+        if total and warmup * 2 > total:   # the peak rate would come late or never: a tenth of the run
+            warmup = max(1, total // 10)
+            logger.warning("train.warmup_steps=%d is over half of this run's %d steps: warming up over %d",
+                           cfg.warmup_steps, total, warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.schedule))
+            self.optimizer, lambda s: lr_factor(s, warmup, total, cfg.schedule))
         self.info = {**meta, "base_model": self.path, "device": self.device,
                      "autocast": "bfloat16" if self.bf16 else "off (float32)",
                      "train_rows": len(self.train_enc.ids), "valid_rows": len(self.valid_enc.ids),
                      "skipped_too_long": self.train_enc.skipped + self.valid_enc.skipped,
-                     "packed_rows": len(self.units), "total_steps": total,
+                     "packed_rows": len(self.units), "total_steps": total, "warmup_steps": warmup,
                      "trainable_params": int(sum(p.numel() for p in self.params.values())),
                      "all_params": int(sum(p.numel() for p in self.model.parameters()))}
         self.state = {"step": 0, "examples_seen": 0, "wall_s": 0.0, "curve": [], "losses": [], "best": None,

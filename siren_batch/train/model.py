@@ -78,13 +78,27 @@ def mask_kind(model) -> str | None:
     return {"sdpa": "bool", "eager": "additive"}.get(impl)
 
 
+def head_logits(core, hidden, rating_ids: list[int]):
+    """float32 logits of the rating tokens from final hidden states [n, H], autocast or not
+    (a bf16 head rounds SmolLM2's rating logits, ~27, to steps of 0.125), from the head's five
+    rating rows only. A head that is not a plain Linear (one LoRA wraps) runs as it is,
+    upcast after."""
+    import torch
+
+    head = core.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return head(hidden)[:, rating_ids].float()
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = hidden.float() @ head.weight[rating_ids].float().T
+        return logits if head.bias is None else logits + head.bias[rating_ids].float()
+
+
 def rating_logits(model, batch, rating_ids: list[int]):
     """Logits over the rating scale [n, 5] at each example's answer position (batch order)."""
     core = core_model(model)
     hidden = core.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                 position_ids=batch.position_ids, use_cache=False).last_hidden_state
-    picked = hidden[batch.gather_row, batch.gather_col]
-    return core.get_output_embeddings()(picked)[:, rating_ids]
+    return head_logits(core, hidden[batch.gather_row, batch.gather_col], rating_ids)
 
 
 def answer_states(model, batch, rating_ids: list[int]):
@@ -98,7 +112,7 @@ def answer_states(model, batch, rating_ids: list[int]):
     out = core.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              position_ids=batch.position_ids, use_cache=False, output_hidden_states=True)
     states = torch.stack([h[batch.gather_row, batch.gather_col] for h in out.hidden_states[1:]], dim=1)
-    return states, core.get_output_embeddings()(states[:, -1])[:, rating_ids]
+    return states, head_logits(core, states[:, -1], rating_ids)
 
 
 def save_model(model, tokenizer, folder: Path, method: str) -> None:

@@ -19,7 +19,8 @@ from typing import Callable
 
 from siren_batch.backends.base import parse_answer   # the scorer's own CoT parser: last <answer>, clipped
 
-FORMAT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
+FORMAT = re.compile(r"\s*<think>.*</think>\s*<answer>.*</answer>\s*", re.DOTALL)
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 def format_reward(text: str) -> float:
@@ -29,10 +30,15 @@ def format_reward(text: str) -> float:
     (1.0, -1.0)
     >>> format_reward("<think>a</think><answer>4</answer><answer>5</answer>")
     -1.0
+
+    Each tag exactly once: an answer inside the reasoning, or a stray closing tag, fails.
+
+    >>> [format_reward(t) for t in ("<think>a<answer>3</answer></think><answer>4</answer>",
+    ...                             "<think>a</think>b</think><answer>4</answer>",
+    ...                             "<think>a</think><answer>4</answer>x</answer>")]
+    [-1.0, -1.0, -1.0]
     """
-    match = FORMAT.fullmatch(text)
-    ok = match is not None and "<think>" not in match["think"] and "<answer>" not in match["answer"] \
-        and "</think>" not in match["answer"]
+    ok = FORMAT.fullmatch(text) is not None and all(text.count(tag) == 1 for tag in TAGS)
     return 1.0 if ok else -1.0
 
 

@@ -159,6 +159,37 @@ def align_teacher(cfg: Config) -> str:
     return cfg.align.teacher
 
 
+def stage1_meta(cfg: Config) -> dict:
+    """training_meta.json of the stage-1 run align.teacher names ({} for a plain folder).
+    Refuses a run trained with another prompts.think_prefill: its chain of thought would
+    start from prompts it never saw."""
+    path = Path(cfg.train.out_dir) / cfg.dataset / cfg.align.teacher / "training_meta.json"
+    if not path.exists():
+        return {}
+    meta = json.loads(path.read_text())
+    if meta.get("stage") == "grpo" and bool(meta.get("think_prefill")) != cfg.prompts.think_prefill:
+        raise ValueError(f"stage-1 run {cfg.align.teacher} was trained with prompts.think_prefill="
+                         f"{str(bool(meta.get('think_prefill'))).lower()}: run train-align with the same setting")
+    return meta
+
+
+def align_rows(spark: SparkSession, cfg: Config, student: Config, leave_out: list):
+    """align.examples seeded chain-of-thought train rows, without the stage-1 warm-up's pairs
+    (`leave_out`): the warm-up taught their answers, so the teacher's states there hold a
+    memorised label rather than its reasoning."""
+    from siren_batch.train.data import cot_rows
+
+    limit = cfg.align.examples
+    rows = cot_rows(spark, student, "train", None if limit is None else limit + len(leave_out))
+    if leave_out:
+        taught = {(str(u), str(i)) for u, i in leave_out}
+        keep = [(str(u), str(i)) not in taught for u, i in zip(rows["user_id"], rows["item_id"])]
+        rows = rows[keep]
+    if limit is not None and len(rows) > limit:
+        rows = rows.sample(n=limit, random_state=cfg.train.seed).sort_values(["user_id", "item_id"], kind="stable")
+    return rows.reset_index(drop=True)
+
+
 def student_config(cfg: Config) -> Config:
     """cfg with `train` set for the stage-2 student: the teacher as base model, LoRA on
     align.lora_targets, align's lr / warm-up / epochs, constant schedule, every kept row."""
@@ -173,18 +204,19 @@ def train_align(spark: SparkSession, cfg: Config) -> dict:
     """SIREN stage 2 (siren_batch.train.align): teacher chain of thought on train prompts,
     then the k/v LoRA student on answer-only prompts, selected on valid."""
     from siren_batch.train import align
-    from siren_batch.train.data import cot_rows, training_rows
+    from siren_batch.train.data import training_rows
 
     student = student_config(cfg)
     out = run_dir(student)
+    teacher_meta = stage1_meta(cfg)
     with run_record(spark, cfg, "train-align") as rec:
-        rows = cot_rows(spark, student, "train", cfg.align.examples)
+        rows = align_rows(spark, cfg, student, teacher_meta.get("warmup_pairs") or [])
         valid = training_rows(spark, student, "valid")
         rec.input_rows = len(rows) + len(valid)
         out.mkdir(parents=True, exist_ok=True)
         save_config(student, out / "config.yaml")
-        summary = align.train(rows, valid, cfg.align, student.train, out,
-                              meta=run_meta(cfg, cfg.align.name))
+        summary = align.train(rows, valid, cfg.align, student.train, out, meta=run_meta(cfg, cfg.align.name),
+                              prefill=THINK_PREFILL if cfg.prompts.think_prefill else "")
         rec.output_rows = summary["examples_seen"]
     return {"run_dir": str(out), "variant": cfg.align.variant, "teacher": student.train.base_model,
             "teacher_counts": summary.get("teacher_counts"), "best": summary["best"], "status": summary["status"],
