@@ -347,6 +347,9 @@ class TrainConfig:
     progress_every_s: float = 30.0    # seconds between progress log lines
     max_minutes: float | None = None  # wall-time budget of one invocation: stop after the step that crosses it
                                       # (valid evaluation, checkpoint); the next invocation continues the run
+    # linear schedule with max_minutes: end the decay where this invocation's budget runs out at its
+    # measured pace (re-estimated every REPLAN_EVERY steps), not at the run's last step it will not reach
+    decay_to_budget: bool = False
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     dtype: str = "auto"               # auto (bf16 autocast on GPU and on CPUs with bf16) | float32 | bfloat16
     torch_threads: int = 0            # CPU: torch intra-op threads; 0 = torch default

@@ -243,5 +243,6 @@ def test_the_kit_layer_gives_each_dataset_the_documented_options():
         cfg = load_config([str(CONF_DIR / gpu_kit.KIT_CONF)], [f"dataset={dataset}", "train.lr=1e-4"])
         assert cfg.dataset == dataset and cfg.train.name == "sft-gpu" and cfg.prompts.priors
         assert (cfg.train.target, cfg.train.loss, cfg.train.lr) == ("residual", "both", 1e-4)
+        assert cfg.train.decay_to_budget and cfg.train.schedule == "linear"
         assert cfg.train.batch_size * cfg.train.grad_accum == 64 and cfg.train.batch_size <= 32
         assert set(cfg.train.lora_targets) >= {"q_proj", "v_proj", "gate_proj", "down_proj"}

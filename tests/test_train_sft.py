@@ -195,6 +195,25 @@ def test_a_time_budget_stops_an_invocation_and_the_next_one_continues_the_run(ti
     assert all(np.array_equal(straight[n].numpy(), continued[n].numpy()) for n in straight)
 
 
+def test_decay_to_budget_ends_the_lr_decay_where_the_time_budget_does(tiny_model, tok, tmp_path, monkeypatch):
+    """On a fake clock (one second per reading, ~5 a step), a 2-minute budget reaches ~20 of
+    48 steps: with train.decay_to_budget the lr is near 0 when the budget stops the run;
+    without, it stops at over half the peak, its decay planned for steps it never reached."""
+    from siren_batch.train import loop
+
+    cfg = _cfg(tiny_model, pack=False, batch_size=1, epochs=3.0, schedule="linear", max_minutes=2.0)
+    last_lr = {}
+    for planned in (False, True):
+        ticks = iter(range(10**6))
+        monkeypatch.setattr(loop, "_now", lambda: float(next(ticks)))
+        run = loop.SFTRun(_rows(tok), _rows(tok).iloc[:4], dataclasses.replace(cfg, decay_to_budget=planned),
+                          tmp_path / str(planned), {}, [])
+        out = run.run()
+        assert out["status"] == "time_budget" and 12 <= out["steps_done"] < 40, out["steps_done"]
+        last_lr[planned] = out["curve"][-1]["lr"] / cfg.lr
+    assert last_lr[True] < 0.15 < 0.4 < last_lr[False], last_lr
+
+
 # ---- packing and padding -----------------------------------------------------------
 
 def _model(tiny_model, attn: str = "sdpa"):

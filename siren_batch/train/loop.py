@@ -27,6 +27,18 @@ from siren_batch.train.sft import build_units, encode, fingerprint, lr_factor, m
 logger = logging.getLogger(__name__)
 
 TIME_BUDGET = "time_budget"   # state["stopped"] of an invocation that spent train.max_minutes
+_now = time.perf_counter    # the loop's clock (a test's fake clock replaces it)
+REPLAN_EVERY = 10             # steps between estimates of where train.decay_to_budget ends the decay
+
+
+def decay_end(step: int, total: int, per_step_s: float, left_s: float) -> int:
+    """The step at which train.decay_to_budget's linear decay reaches 0: where the time left
+    runs out at the measured pace, never past the run's last step nor before the next one.
+
+    >>> decay_end(100, 600, 0.5, 100.0), decay_end(100, 600, 0.5, 1000.0), decay_end(100, 600, 0.5, -5.0)
+    (300, 600, 101)
+    """
+    return int(min(total, max(step + 1, step + max(left_s, 0.0) / max(per_step_s, 1e-9))))
 
 
 class SFTRun:
@@ -35,7 +47,7 @@ class SFTRun:
         from transformers import AutoTokenizer
 
         self.cfg, self.run_dir, self.callbacks = cfg, run_dir, callbacks
-        self.born = time.perf_counter()   # train.max_minutes counts from here: loading and evaluations too
+        self.born = _now()   # train.max_minutes counts from here: loading and evaluations too
         self.device = pick_device(cfg.device)
         if cfg.torch_threads and self.device == "cpu":
             torch.set_num_threads(cfg.torch_threads)
@@ -61,13 +73,14 @@ class SFTRun:
         self.params = M.trainable_params(self.model)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = len(self.order)
+        self.decay = {"end": total}   # where the linear decay reaches 0 (train.decay_to_budget moves it)
         warmup = cfg.warmup_steps
         if total and warmup * 2 > total:   # the peak rate would come late or never: a tenth of the run
             warmup = max(1, total // 10)
             logger.warning("train.warmup_steps=%d is over half of this run's %d steps: warming up over %d",
                            cfg.warmup_steps, total, warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, warmup, total, cfg.schedule))
+            self.optimizer, lambda s: lr_factor(s, warmup, self.decay["end"], cfg.schedule))
         self.info = {**meta, "base_model": self.path, "device": self.device,
                      "autocast": "bfloat16" if self.bf16 else "off (float32)",
                      "train_rows": len(self.train_enc.ids), "valid_rows": len(self.valid_enc.ids),
@@ -92,14 +105,16 @@ class SFTRun:
             return write_outputs(self.run_dir, self.cfg, self.state, self.info)
         if self.state["step"] == 0 and self.cfg.eval_at_start and not self.state["curve"]:
             self._eval_and_select(train_loss=None)
-        started, done_here = time.perf_counter(), 0
+        started, done_here = _now(), 0
         last_log = started - self.cfg.progress_every_s
         while self.state["step"] < len(self.order) and not self.state["stopped"]:
-            step_start = time.perf_counter()
+            step_start = _now()
             loss = self._train_step(self.order[self.state["step"]])
-            self.state["wall_s"] += time.perf_counter() - step_start
+            self.state["wall_s"] += _now() - step_start
             done_here += 1
             step = self.state["step"]
+            if self.cfg.decay_to_budget and self.cfg.max_minutes and done_here % REPLAN_EVERY == 0:
+                self._replan_decay(step, started, done_here)
             out_of_time = self._out_of_time() and step < len(self.order)
             if step % self.cfg.eval_every == 0 or step == len(self.order) or out_of_time:
                 self._eval_and_select(self._recent_loss())
@@ -111,8 +126,8 @@ class SFTRun:
                 self.state["stopped"] = TIME_BUDGET
             if step % self.cfg.checkpoint_every == 0 or self.state["stopped"]:
                 self._checkpoint()
-            if time.perf_counter() - last_log >= self.cfg.progress_every_s or self.state["stopped"]:
-                last_log = time.perf_counter()
+            if _now() - last_log >= self.cfg.progress_every_s or self.state["stopped"]:
+                last_log = _now()
                 self._log_progress(loss, started, done_here)
             for callback in self.callbacks:
                 callback(step, self.state)
@@ -120,9 +135,20 @@ class SFTRun:
             self._save_best()
         return write_outputs(self.run_dir, self.cfg, self.state, self.info)
 
+    def _replan_decay(self, step: int, started: float, done_here: int) -> None:
+        """train.decay_to_budget: this invocation's pace so far (evaluations included) and the
+        budget left say at which step the decay should end; the next step's lr follows it."""
+        now = _now()
+        left = self.born + 60 * self.cfg.max_minutes - now
+        end = decay_end(step, len(self.order), (now - started) / done_here, left)
+        if end != self.decay["end"]:
+            logger.info("decay_to_budget: the lr now reaches 0 at step %d of %d (%.0f s left)", end,
+                        len(self.order), left)
+        self.decay["end"] = end
+
     def _out_of_time(self) -> bool:
         budget = self.cfg.max_minutes
-        return budget is not None and time.perf_counter() - self.born >= 60 * budget
+        return budget is not None and _now() - self.born >= 60 * budget
 
     def _train_step(self, micro: list[list[int]]) -> float:
         import torch
@@ -159,7 +185,7 @@ class SFTRun:
         return round(float(np.mean(recent)), 6) if recent else None
 
     def _log_progress(self, loss: float, started: float, done_here: int) -> None:
-        elapsed = time.perf_counter() - started
+        elapsed = _now() - started
         per_step = elapsed / max(done_here, 1)
         left = len(self.order) - self.state["step"]
         examples = sum(len(self.units[u].rows) for micro in self.order[self.state["step"] - done_here:
