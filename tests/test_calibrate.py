@@ -277,6 +277,22 @@ def test_answer_states_are_the_last_position_whatever_the_batch(long_tiny_model)
     np.testing.assert_allclose(states[1], torch.cat([hs[2][0, -1], hs[1][0, -1]]).numpy(), atol=1e-5)
     alone, _ = backend.answer_states(prompts[:1], [2, 1])
     np.testing.assert_allclose(states[0], alone[0], atol=1e-5)
+    # a pass that fails (out of memory, say) splits in halves: only the row that fails is lost
+    module, forward = backend.model.get_decoder(), backend.model.get_decoder().forward
+
+    def failing(*args, **kw):
+        if kw["input_ids"].shape[1] >= ids.shape[1]:    # the long prompt's passes
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return forward(*args, **kw)
+
+    module.forward = failing
+    try:
+        again, errors = backend.answer_states(prompts, [2, 1])
+    finally:
+        del module.forward
+    assert errors[0] is None and errors[1].startswith("forward_failed: OutOfMemoryError") and errors[2] is None
+    np.testing.assert_allclose(again[[0, 2]], states[[0, 2]], atol=1e-5)
+    assert not again[1].any()
 
 
 def test_train_probe_fits_on_valid_and_writes_a_scored_partition(spark, tmp_path, long_tiny_model,

@@ -355,16 +355,20 @@ class TransformersBackend:
         ids, errors = self._encode(prompts)
         width = self.model.config.hidden_size * len(layers)
         out = np.zeros((len(prompts), width), dtype=np.float32)
+        results: list[ScoreResult | None] = [errors.get(i) for i in range(len(prompts))]
         todo = [i for i in range(len(prompts)) if i not in errors]
-        for batch in self._batches(todo, ids):
+
+        def states(batch: list[int]) -> None:
             input_ids, mask = self._pad([ids[i] for i in batch])
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
-                states = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                hidden = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                     output_hidden_states=True, logits_to_keep=1).hidden_states
-            picked = torch.cat([states[layer][:, -1, :] for layer in layers], dim=-1)
-            out[batch] = picked.float().cpu().numpy()
-        return out, [errors[i].error if i in errors else None for i in range(len(prompts))]
+            out[batch] = torch.cat([hidden[layer][:, -1, :] for layer in layers], dim=-1).float().cpu().numpy()
+
+        for batch in self._batches(todo, ids):   # a failing pass splits in halves, as scoring's do
+            self._run_guarded(batch, ids, results, states)
+        return out, [r.error if r is not None else None for r in results]
 
     # ---- chain of thought ----------------------------------------------------------
 
