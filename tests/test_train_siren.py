@@ -78,6 +78,20 @@ def test_reward_table(text, label, fmt, rating):
     assert rewards.reward(text, label) == pytest.approx(fmt + rating)
 
 
+def test_grpo_prompts_lose_the_templates_bos_only_where_the_tokenizer_adds_its_own(tok):
+    from siren_batch.train.grpo import without_template_bos
+
+    class AddsBos:   # a Llama-3-style tokenizer: it puts <s> before every text it encodes
+        bos_token, bos_token_id = "<s>", 1
+
+        def __call__(self, text):
+            return {"input_ids": [1, 42]}
+
+    assert without_template_bos(["<s>system: rate", "no bos"], AddsBos()) == ["system: rate", "no bos"]
+    prompts = [_cot_prompt(tok, 1, "Heat, Crime")]
+    assert without_template_bos(prompts, tok) == prompts     # the test tokenizer adds nothing: unchanged
+
+
 def test_trl_rewards_read_the_label_column_and_log_parseable_with_weight_zero():
     funcs, weights = rewards.trl_rewards()
     texts = ["<think>x</think><answer>5</answer>", "nothing"]

@@ -156,6 +156,16 @@ def run_warmup(pairs: list[dict], grpo: GrpoConfig, train: TrainConfig, base: st
     return folder
 
 
+def without_template_bos(prompts: list[str], tokenizer) -> list[str]:
+    """The prompts as TRL should get them: TRL tokenizes plain-string prompts with special
+    tokens, so with a tokenizer that adds BOS itself (Llama 3) the BOS the chat template
+    wrote would come twice. Such a tokenizer gets the prompts without it; others, as they are."""
+    bos = tokenizer.bos_token
+    if not bos or tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        return prompts
+    return [p[len(bos):] if p.startswith(bos) else p for p in prompts]
+
+
 def run_grpo(prompts: list[str], labels: list[float], grpo: GrpoConfig, train: TrainConfig, start: Path,
              run_dir: Path, device: str, bf16: bool, prefill: str = "") -> list[dict]:
     """Phase 2 -> run_dir/best (adapter or full model); returns TRL's log history."""
@@ -175,7 +185,8 @@ def run_grpo(prompts: list[str], labels: list[float], grpo: GrpoConfig, train: T
                       per_device_train_batch_size=grpo.batch_size, max_completion_length=grpo.max_completion_tokens,
                       temperature=grpo.temperature, reward_weights=weights, lr_scheduler_type="constant")
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, processing_class=tokenizer,
-                          train_dataset=Dataset.from_dict({"prompt": prompts, "label": labels}),
+                          train_dataset=Dataset.from_dict({"prompt": without_template_bos(prompts, tokenizer),
+                                                           "label": labels}),
                           peft_config=_lora(train) if grpo.method == "lora" else None,
                           callbacks=[_progress_callback("grpo")])
     trainer.train(resume_from_checkpoint=_resume_point(out))
