@@ -242,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             payload["shapes"][shape] = {"error": f"{type(err).__name__}: {err}"}
             failed += 1
         if args.device == "cuda":
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError:   # a broken context: the shape's error is written below all the same
+                pass
         path = write_results(args.name, payload, _markdown(payload))
         logger.info("results so far (%s) written to %s", ", ".join(payload["shapes"]), path)
     return 1 if failed else 0

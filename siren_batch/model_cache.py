@@ -62,7 +62,10 @@ def _empty_cuda_cache() -> None:
 
     torch = sys.modules.get("torch")    # never imports torch (the tokenizer-only workers)
     if torch is not None and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:   # a broken CUDA context: the caller's own error is the one to see
+            pass
 
 
 def clear() -> None:

@@ -244,11 +244,21 @@ def test_a_broken_device_is_raised_and_the_backend_leaves_the_cache(backend, pro
 
     texts, groups = prompts
     assert model_cache.get_or_load("test:broken", lambda: backend) is backend
+    module = backend.model.get_decoder()
+    forward = module.forward
+
+    def refused(*args, **kw):   # a launch the device refuses is not sticky: smaller passes run
+        if kw["input_ids"].shape[0] > 2:
+            raise torch.AcceleratorError("CUDA error: invalid configuration argument")
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(module, "forward", refused)
+    assert all(r.error is None for r in backend.score(texts, groups))
 
     def broken(*args, **kw):
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(backend.model.get_decoder(), "forward", broken)
+    monkeypatch.setattr(module, "forward", broken)
     with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
         backend.score(texts, groups)
     assert model_cache.get_or_load("test:broken", lambda: "reloaded") == "reloaded"

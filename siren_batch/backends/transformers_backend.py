@@ -16,8 +16,10 @@ tokens. Three paths give the same numbers (tests/test_scoring.py checks it):
   candidates per user this processes ~5x fewer tokens than plain batches.
 
 A failing pass is split in halves until the rows that fail stand alone (out of GPU
-memory, the failed pass's memory is freed first); a broken CUDA context is raised, and
-the backend leaves the worker's model cache, so Spark's retry does not reuse it.
+memory, the failed pass's memory is freed first). A CUDA error that breaks the context
+(a device-side assert, an illegal address) is raised instead: the task fails, PySpark's
+worker exits on a task's error, and Spark's retry runs in a fresh process. The backend
+also leaves the model cache, for callers outside Spark that catch the error.
 """
 
 from __future__ import annotations
@@ -58,13 +60,19 @@ class Context(NamedTuple):
                        self.mask.index_select(0, index), self.lengths.index_select(0, index), self.width)
 
 
+# CUDA errors after which the process's context is unusable ("sticky" errors): every later call fails too
+_STICKY = ("device-side assert", "illegal memory access", "illegal address", "misaligned address",
+           "unspecified launch failure", "illegal instruction", "hardware stack error")
+
+
 def _fatal(err: BaseException) -> bool:
-    """A CUDA error that leaves the context broken (a device-side assert, an illegal
-    address): every later call on this process fails too. Out of memory is not one."""
+    """A CUDA error that leaves the context broken. Out of memory, or a launch the device
+    refuses (too large a grid), is not one: a smaller pass may run."""
     import torch
 
     broken = getattr(torch, "AcceleratorError", None)
-    return broken is not None and isinstance(err, broken) and not isinstance(err, torch.OutOfMemoryError)
+    return (broken is not None and isinstance(err, broken) and not isinstance(err, torch.OutOfMemoryError)
+            and any(s in str(err).lower() for s in _STICKY))
 
 
 def _generated_length(new: list[int], eos: set[int], pad: int) -> int:
@@ -324,9 +332,9 @@ class TransformersBackend:
                 half = len(bucket) // 2
                 self._score_bucket(bucket[:half], ids, root, results)
                 self._score_bucket(bucket[half:], ids, root, results)
-            else:
-                self._run_guarded(list(bucket[0].rows), ids, results,
-                                  lambda r: self._score_plain(r, ids, root, results))
+            else:   # the user's rows as plain rows, within the usual limits
+                for batch in self._batches(list(bucket[0].rows), ids, start):
+                    self._run_guarded(batch, ids, results, lambda r: self._score_plain(r, ids, root, results))
             return
         context = made[0]
         owner = {row: u for u, user in enumerate(bucket) for row in user.rows}
@@ -340,8 +348,10 @@ class TransformersBackend:
         for batch in chunk_by_tokens(list(owner), lambda r: len(ids[r]) - cut[r], self.cfg.batch_size,
                                      self.cfg.batch_tokens, context=context.width):
             self._run_guarded(batch, ids, results, suffixes)
-        for rows, logits in done:
-            self._fill(rows, ids, logits, results)
+        for rows, logits in done:   # the read-back is where a pass's asynchronous CUDA error shows
+            failure = self._attempt(self._fill, rows, ids, logits, results)
+            for row in rows if failure else []:
+                results[row] = ScoreResult.failed(f"forward_failed: {failure}", len(ids[row]))
 
     # ---- hidden states (the probe's features) --------------------------------------
 

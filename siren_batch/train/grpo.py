@@ -146,6 +146,8 @@ def run_warmup(pairs: list[dict], grpo: GrpoConfig, train: TrainConfig, base: st
                      learning_rate=grpo.warmup_lr, per_device_train_batch_size=train.batch_size,
                      lr_scheduler_type="linear", warmup_steps=0, completion_only_loss=True,
                      max_length=grpo.max_prompt_tokens + grpo.max_completion_tokens)
+    prompts = without_template_bos([p["prompt"] for p in pairs], tokenizer)   # TRL adds the tokenizer's own
+    pairs = [{**p, "prompt": q} for p, q in zip(pairs, prompts)]
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
                          peft_config=_lora(train) if grpo.method == "lora" else None,
                          callbacks=[_progress_callback("warm-up")])
@@ -252,7 +254,8 @@ def train(warm_rows, grpo_rows, grpo: GrpoConfig, train_cfg: TrainConfig, run_di
                "steps_done": max((h.get("step", 0) for h in history), default=0),
                "examples_seen": len(prompts) * grpo.group_size, "curve": curve(history)}
     (run_dir / "metrics.json").write_text(json.dumps({**summary, "log_history": history}, indent=1))
-    (run_dir / "train_config.yaml").write_text(yaml.safe_dump({"grpo": asdict(grpo), "train": asdict(train_cfg)},
+    resolved = {**asdict(grpo), "lr": grpo.learning_rate}   # the default for the method, when unset
+    (run_dir / "train_config.yaml").write_text(yaml.safe_dump({"grpo": resolved, "train": asdict(train_cfg)},
                                                               sort_keys=False))
     scorer = {"method": grpo.method, "loss": "grpo", "target": "rating", "variant": train_cfg.variant,
               "scale": list(objective.SCALE), "prediction": "E[r] answer-only, or the <answer> of a chain of thought"}

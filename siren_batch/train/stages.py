@@ -167,6 +167,9 @@ def stage1_meta(cfg: Config) -> dict:
     if not path.exists():
         return {}
     meta = json.loads(path.read_text())
+    if meta.get("stage") == "grpo" and "warmup_pairs" not in meta:
+        logger.warning("stage-1 run %s predates the record of its warm-up pairs: stage 2 cannot leave them "
+                       "out (train stage 1 again to have them left out)", cfg.align.teacher)
     if meta.get("stage") == "grpo" and bool(meta.get("think_prefill")) != cfg.prompts.think_prefill:
         raise ValueError(f"stage-1 run {cfg.align.teacher} was trained with prompts.think_prefill="
                          f"{str(bool(meta.get('think_prefill'))).lower()}: run train-align with the same setting")
