@@ -49,9 +49,16 @@ def discard(obj: Any) -> bool:
 
 
 def _drop(key: str) -> None:
-    _CACHE.pop(key, None)
+    held = _CACHE.pop(key, None)
     for slot in [s for s, k in _SLOTS.items() if k == key]:
         del _SLOTS[slot]
+    close = getattr(held, "close", None)
+    if callable(close):   # a vLLM engine: its processes hold GPU memory the next model needs
+        try:
+            close()
+        except Exception as err:   # noqa: BLE001 - a broken engine must not stop the swap
+            logger.warning("closing %s failed: %s", key, err)
+    del held
     gc.collect()
     _empty_cuda_cache()
 

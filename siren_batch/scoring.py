@@ -126,6 +126,15 @@ def score_frame(prompts: "DataFrame", cfg: ScoreConfig, timers: StageTimers | No
     """
     spark = prompts.sparkSession
     cfg = dataclasses.replace(cfg, torch_threads=task_threads(cfg.torch_threads, spark))
+    if cfg.backend == "vllm":   # several tasks on one GPU: each engine takes its share of the memory
+        from siren_batch.backends.vllm_backend import shared_gpu_memory
+
+        share = shared_gpu_memory(cfg.vllm_gpu_memory_utilization,
+                                  spark.conf.get("spark.task.resource.gpu.amount", None))
+        if share != cfg.vllm_gpu_memory_utilization:
+            logger.info("score.vllm_gpu_memory_utilization %s -> %s: Spark runs tasks on a fraction of a GPU",
+                        cfg.vllm_gpu_memory_utilization, share)
+            cfg = dataclasses.replace(cfg, vllm_gpu_memory_utilization=share)
     timers = timers or StageTimers()
     predict = make_predict_fn(cfg, timers)
 

