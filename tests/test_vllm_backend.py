@@ -36,9 +36,10 @@ requires_vllm = pytest.mark.skipif(  # find_spec, not import: a broken install m
 # ---- pure helpers (no engine) ------------------------------------------------------
 
 def test_the_watchdog_kills_the_engine_processes_when_their_worker_dies_without_closing(tmp_path):
-    """A PySpark worker ends with os._exit (or a SIGKILL): no close() runs. Here a 'worker'
-    starts two 'engine' processes, a watchdog over the first only, then exits abruptly: the
-    watched one dies, the other (the control: an orphan lives on) does not."""
+    """A PySpark worker ends with os._exit (or a SIGKILL): no close() runs. A 'worker' starts
+    'engine' processes and exits abruptly. With a watchdog over one pid, that one dies and an
+    unwatched orphan lives on (the control); a watchdog started before the engine (the
+    backend's way) kills the processes the worker starts after it."""
     import signal
     import subprocess
     import sys
@@ -46,28 +47,35 @@ def test_the_watchdog_kills_the_engine_processes_when_their_worker_dies_without_
 
     import psutil
 
-    pids = tmp_path / "pids"
-    worker = (f"import os, subprocess, sys; sys.path.insert(0, {str(REPO)!r})\n"
-              "from siren_batch.backends.vllm_backend import watch_engine\n"
-              "quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
-              "engines = [subprocess.Popen(['sleep', '120'], **quiet) for _ in range(2)]\n"
-              "watch_engine([engines[0].pid])\n"
-              f"open({str(pids)!r}, 'w').write(' '.join(str(e.pid) for e in engines))\n"
-              "os._exit(0)\n")
-    subprocess.run([sys.executable, "-c", worker], stdout=subprocess.DEVNULL, timeout=60, check=True)
-    watched, control = (int(p) for p in pids.read_text().split())
+    def worker(body: str) -> list[int]:
+        pids = tmp_path / "pids"
+        code = (f"import os, subprocess, sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+                "from siren_batch.backends.vllm_backend import watch_engine\n"
+                "def engine():\n"
+                "    return subprocess.Popen(['sleep', '120'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                f"{body}\n"
+                f"open({str(pids)!r}, 'w').write(' '.join(str(e.pid) for e in engines))\n"
+                "os._exit(0)\n")
+        subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL, timeout=60, check=True)
+        return [int(p) for p in pids.read_text().split()]
 
     def alive(pid: int) -> bool:
         return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
 
-    try:
+    def gone(pid: int) -> bool:
         deadline = time.monotonic() + 15
-        while alive(watched) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not alive(watched) and alive(control)
+        return not alive(pid)
+
+    watched, control = worker("engines = [engine(), engine()]\nwatch_engine([engines[0].pid])")
+    try:
+        assert gone(watched) and alive(control)
     finally:
         if alive(control):
             os.kill(control, signal.SIGKILL)
+    [started_later] = worker("watch_engine()\nengines = [engine()]\ntime.sleep(2.5)")   # seen within 1 s
+    assert gone(started_later)
     assert watch_engine(pids=[]) is None   # nothing to watch, no watchdog
 
 

@@ -91,31 +91,49 @@ def shared_gpu_memory(utilization: float, task_gpu_amount: str | None) -> float:
 WATCHDOG = r"""
 import os, sys, time
 import psutil
-parent = int(sys.argv[1])
-while os.getppid() == parent:   # reparented: the process that started the engine is gone
-    time.sleep(1)
-for arg in sys.argv[2:]:
-    pid, started = arg.split(":")
+parent, pids = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+me, seen = os.getpid(), {}
+
+
+def remember(proc):
+    try:   # multiprocessing's resource tracker cleans /dev/shm after its parent: left to do so
+        if proc.pid != me and proc.pid not in seen and "resource_tracker" not in " ".join(proc.cmdline()):
+            seen[proc.pid] = proc
+    except psutil.Error:
+        pass
+
+
+for pid in pids:
     try:
-        proc = psutil.Process(int(pid))
-        if abs(proc.create_time() - float(started)) < 1e-3:   # the same process, not a reused pid
-            proc.kill()
+        remember(psutil.Process(pid))
+    except psutil.Error:
+        pass
+while os.getppid() == parent:   # reparented: the process that started the engine is gone
+    if not pids:                # watching the parent's descendants as they appear
+        try:
+            for proc in psutil.Process(parent).children(recursive=True):
+                remember(proc)
+        except psutil.Error:
+            pass
+    time.sleep(1)
+for proc in seen.values():
+    try:
+        proc.kill()             # psutil refuses a pid that now names another process
     except psutil.Error:
         pass
 """
 
 
 def watch_engine(pids: list[int] | None = None) -> subprocess.Popen | None:
-    """Start a watchdog that kills `pids` (default: this process's children, the engine's
-    processes just started) once this process is gone; None when there is nothing to watch."""
-    import psutil
-
-    procs = psutil.Process().children(recursive=True) if pids is None else [psutil.Process(p) for p in pids]
-    if not procs:
+    """Start a watchdog that kills `pids` once this process is gone; without `pids`, every
+    process this one starts from now on (an engine's, as they appear: start it before the
+    engine, so a worker killed during the engine's minutes of start-up leaves nothing
+    either). None for an empty list."""
+    if pids is not None and not pids:
         return None
-    args = [f"{p.pid}:{p.create_time()}" for p in procs]
-    return subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), *map(str, pids or [])],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def lora_rank(adapter: str) -> int:
@@ -141,6 +159,7 @@ class VLLMBackend:
     """vllm.LLM with prefix caching (+ optional LoRA adapter); implements scoring.Backend."""
 
     def __init__(self, cfg: ScoreConfig):
+        self.llm, self.watchdog = None, watch_engine()   # before the engine: its processes from the start
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if cfg.vllm_tensor_parallel_size == 1:   # cuda:N (the task's GPU on a cluster): the engine uses N
             narrow_visible_gpus(cfg.device)
@@ -151,7 +170,6 @@ class VLLMBackend:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = visible
-        self.watchdog = watch_engine()
 
     def _start(self, cfg: ScoreConfig) -> None:
         from vllm.platforms import current_platform
@@ -191,13 +209,15 @@ class VLLMBackend:
 
     def close(self) -> None:
         """Shut the engine (its spawned processes) down now rather than at interpreter exit."""
-        if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
-            self.llm = None
-        if getattr(self, "watchdog", None) is not None:
-            self.watchdog.kill()
-            self.watchdog.wait()
-            self.watchdog = None
+        try:
+            if self.llm is not None:
+                self.llm.llm_engine.engine_core.shutdown()
+                self.llm = None
+        finally:
+            if getattr(self, "watchdog", None) is not None:
+                self.watchdog.kill()
+                self.watchdog.wait()
+                self.watchdog = None
 
     def __enter__(self) -> "VLLMBackend":
         return self
