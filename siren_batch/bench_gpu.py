@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from siren_batch.backends.device import is_cuda
+from siren_batch.backends.device import empty_cuda_cache, is_cuda
 from siren_batch.bench_score import ANSWER_ONLY_SUFFIX, SHARED_MOVIES, real_prompts
 from siren_batch.config import ScoreConfig
 from siren_batch.profiling import matmul_peak_flops, sync, write_results
@@ -241,11 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.exception("shape %s failed", shape)
             payload["shapes"][shape] = {"error": f"{type(err).__name__}: {err}"}
             failed += 1
-        if args.device == "cuda":
-            try:
-                torch.cuda.empty_cache()
-            except RuntimeError:   # a broken context: the shape's error is written below all the same
-                pass
+        empty_cuda_cache()   # a broken context leaves it be: the shape's error is written below all the same
         path = write_results(args.name, payload, _markdown(payload))
         logger.info("results so far (%s) written to %s", ", ".join(payload["shapes"]), path)
     return 1 if failed else 0

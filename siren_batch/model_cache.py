@@ -16,6 +16,8 @@ import logging
 import threading
 from typing import Any, Callable
 
+from siren_batch.backends.device import empty_cuda_cache
+
 logger = logging.getLogger(__name__)
 
 _CACHE: dict[str, Any] = {}
@@ -60,19 +62,7 @@ def _drop(key: str) -> None:
             logger.warning("closing %s failed: %s", key, err)
     del held
     gc.collect()
-    _empty_cuda_cache()
-
-
-def _empty_cuda_cache() -> None:
-    """Hand a dropped model's GPU memory back (a no-op without torch or CUDA)."""
-    import sys
-
-    torch = sys.modules.get("torch")    # never imports torch (the tokenizer-only workers)
-    if torch is not None and torch.cuda.is_initialized():
-        try:
-            torch.cuda.empty_cache()
-        except RuntimeError:   # a broken CUDA context: the caller's own error is the one to see
-            pass
+    empty_cuda_cache()   # the dropped model's GPU memory
 
 
 def clear() -> None:

@@ -25,6 +25,20 @@ def is_cuda(device: str) -> bool:
     return device == "cuda" or device.startswith("cuda:")
 
 
+def empty_cuda_cache() -> None:
+    """Hand the CUDA allocator's cached memory back: a no-op where torch is not imported (it
+    never imports it) or CUDA never started; on a broken CUDA context it does nothing, so the
+    caller's own error is the one seen."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:
+            pass
+
+
 def pick_device(device: str, gpu: int | None = None) -> str:
     """`auto` -> cuda when a GPU is visible, else cpu (scoring, training and embedding all
     choose here). `gpu`, the GPU Spark gave the running task (spark.task_gpu), makes auto and

@@ -34,7 +34,7 @@ from siren_batch import model_cache
 from siren_batch.assets import llm_id, resolve_llm
 from siren_batch.config import ScoreConfig
 from siren_batch.backends.base import SCALE, ScoreResult, parse_answer, rating_token_ids, readout
-from siren_batch.backends.device import is_cuda, max_positions, pick_device, pick_dtype
+from siren_batch.backends.device import empty_cuda_cache, is_cuda, max_positions, pick_device, pick_dtype
 from siren_batch.backends.plan import Prefix, chunk_by_tokens, prefix_groups, shared_prefix_len
 
 logger = logging.getLogger(__name__)
@@ -257,10 +257,7 @@ class TransformersBackend:
                 model_cache.discard(self)
                 raise
             failure = f"{type(err).__name__}: {err}"
-        if is_cuda(self.device):
-            import torch
-
-            torch.cuda.empty_cache()
+        empty_cuda_cache()
         return failure
 
     def _fill(self, rows: list[int], ids: list[list[int]], logits, results: list) -> None:
@@ -350,8 +347,9 @@ class TransformersBackend:
             self._run_guarded(batch, ids, results, suffixes)
         for rows, logits in done:   # the read-back is where a pass's asynchronous CUDA error shows
             failure = self._attempt(self._fill, rows, ids, logits, results)
-            for row in rows if failure else []:
-                results[row] = ScoreResult.failed(f"forward_failed: {failure}", len(ids[row]))
+            if failure:
+                for row in rows:
+                    results[row] = ScoreResult.failed(f"forward_failed: {failure}", len(ids[row]))
 
     # ---- hidden states (the probe's features) --------------------------------------
 

@@ -73,14 +73,14 @@ class SFTRun:
         self.params = M.trainable_params(self.model)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = len(self.order)
-        self.decay = {"end": total}   # where the linear decay reaches 0 (train.decay_to_budget moves it)
+        self.decay_end = total   # where the linear decay reaches 0 (train.decay_to_budget moves it)
         warmup = cfg.warmup_steps
         if total and warmup * 2 > total:   # the peak rate would come late or never: a tenth of the run
             warmup = max(1, total // 10)
             logger.warning("train.warmup_steps=%d is over half of this run's %d steps: warming up over %d",
                            cfg.warmup_steps, total, warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, warmup, self.decay["end"], cfg.schedule))
+            self.optimizer, lambda s: lr_factor(s, warmup, self.decay_end, cfg.schedule))
         self.info = {**meta, "base_model": self.path, "device": self.device,
                      "autocast": "bfloat16" if self.bf16 else "off (float32)",
                      "train_rows": len(self.train_enc.ids), "valid_rows": len(self.valid_enc.ids),
@@ -141,10 +141,10 @@ class SFTRun:
         now = _now()
         left = self.born + 60 * self.cfg.max_minutes - now
         end = decay_end(step, len(self.order), (now - started) / done_here, left)
-        if end != self.decay["end"]:
+        if end != self.decay_end:
             logger.info("decay_to_budget: the lr now reaches 0 at step %d of %d (%.0f s left)", end,
                         len(self.order), left)
-        self.decay["end"] = end
+        self.decay_end = end
 
     def _out_of_time(self) -> bool:
         budget = self.cfg.max_minutes

@@ -148,9 +148,14 @@ def _teacher_rationales(spark: SparkSession, cfg: Config, warm) -> list[str]:
                         cfg.align.generate_batch, device=device)
 
 
+def _stage1_run(cfg: Config) -> Path:
+    """Where a stage-1 run named by align.teacher lives (it is one when training_meta.json is there)."""
+    return Path(cfg.train.out_dir) / cfg.dataset / cfg.align.teacher
+
+
 def align_teacher(cfg: Config) -> str:
     """align.teacher: a folder, or a stage-1 run name (its export/, made by `siren-batch export`)."""
-    named = Path(cfg.train.out_dir) / cfg.dataset / cfg.align.teacher
+    named = _stage1_run(cfg)
     if (named / "training_meta.json").exists():
         if not (named / "export").exists():
             raise FileNotFoundError(f"stage-1 run {named} has no export/: run `siren-batch export "
@@ -163,7 +168,7 @@ def stage1_meta(cfg: Config) -> dict:
     """training_meta.json of the stage-1 run align.teacher names ({} for a plain folder).
     Refuses a run trained with another prompts.think_prefill: its chain of thought would
     start from prompts it never saw."""
-    path = Path(cfg.train.out_dir) / cfg.dataset / cfg.align.teacher / "training_meta.json"
+    path = _stage1_run(cfg) / "training_meta.json"
     if not path.exists():
         return {}
     meta = json.loads(path.read_text())
