@@ -16,11 +16,10 @@ import argparse
 import json
 import logging
 import re
-import signal
 import sys
-import threading
 import time
 
+from siren_batch import stopping
 from siren_batch.config import ConfigError, load_config
 from siren_batch.lock import LockHeld
 
@@ -70,23 +69,24 @@ def run(stage: str, conf_files: list[str], overrides: list[str], *, run_date: st
     spark = get_spark(cfg.spark)
     if stage in LOCK_FREE:   # they only read the warehouse: a nightly run may go on beside them
         return _run_stages(spark, cfg, [stage])
-    if threading.current_thread() is threading.main_thread():  # a SIGTERM unwinds, so the lock is released
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     holder = RunRecord(stage=stage).run_id
-    with lock.hold(spark, cfg, holder, stage, break_lock=break_lock):
+    # SIGTERM/SIGINT cancel the running Spark job and unwind, so the lock is released (siren_batch.stopping)
+    with stopping.on_signals(spark) as stop, lock.hold(spark, cfg, holder, stage, break_lock=break_lock):
         restore_swaps(spark, cfg)   # a killed run's half-done replace, before anything reads a table
         if stage == "nightly":
             from siren_batch.nightly import run_night
-            return {"nightly": run_night(spark, cfg, run_date, redo=redo),
+            return {"nightly": run_night(spark, cfg, run_date, redo=redo, after_step=stop.check),
                     "warehouse": f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}"}
-        return _run_stages(spark, cfg, getattr(pipeline, CHAINS[stage]) if stage in CHAINS else [stage])
+        return _run_stages(spark, cfg, getattr(pipeline, CHAINS[stage]) if stage in CHAINS else [stage],
+                           before_stage=stop.check)
 
 
-def _run_stages(spark, cfg, names: list[str]) -> dict:
+def _run_stages(spark, cfg, names: list[str], before_stage=lambda: None) -> dict:
     from siren_batch import pipeline
 
     out = {}
     for name in names:
+        before_stage()
         start = time.perf_counter()
         logger.info("stage %s: start (dataset=%s, config %s)", name, cfg.dataset, cfg.hash())
         out[name] = pipeline.STAGES[name](spark, cfg)
@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, LockHeld) as err:
         print(f"siren-batch: error: {err}", file=sys.stderr)
         return 2
+    except stopping.Stopped as err:
+        logger.info("stage %s %s", args.stage, err)
+        print(f"siren-batch: {args.stage} {err}", file=sys.stderr)
+        return err.code
     except Exception as err:  # one clear line for the operator; the traceback is in the log
         logger.error("stage %s failed", args.stage, exc_info=True)
         print(f"siren-batch: {args.stage} failed: {_root_cause(err)}", file=sys.stderr)

@@ -1,0 +1,91 @@
+"""SIGTERM and SIGINT stop a run without waiting for its Spark job (siren_batch.stopping):
+the job is cancelled, the cleanup's own Spark calls get their own answers, the lock is
+released, the run is recorded as failed, and the exit status is 128 + the signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from pyspark.sql import functions as F
+from pyspark.sql.types import LongType
+
+from siren_batch import stopping
+from siren_batch.cli import main
+from siren_batch.config import load_config
+from siren_batch.warehouse import read_table
+
+
+def _send(sig: int, after_s: float) -> threading.Timer:
+    timer = threading.Timer(after_s, os.kill, (os.getpid(), sig))
+    timer.start()
+    return timer
+
+
+def test_a_signal_during_a_spark_job_cancels_it_and_the_cleanup_gets_its_own_answers(spark):
+    """Before: the SystemExit came at once, but the cleanup's first Spark call waited for the
+    whole job (about 100 s here) and then read the job's answer as its own."""
+    slow = F.udf(lambda x: time.sleep(0.5) or x, LongType())
+    job = spark.range(400).repartition(2).where(slow("id") >= 0)   # 2 tasks of 100 s
+    previous = signal.getsignal(signal.SIGTERM)
+    cleanup = []
+    _send(signal.SIGTERM, 3.0)
+    start = time.monotonic()
+    with pytest.raises(stopping.Stopped) as stopped:
+        with stopping.on_signals(spark):
+            try:
+                job.count()
+            finally:   # as the lock's release does while the run unwinds
+                cleanup.append(spark.range(3).count())
+    assert time.monotonic() - start < 60
+    assert cleanup == [3]
+    assert stopped.value.code == 143 and "SIGTERM" in str(stopped.value)
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert spark.range(5).count() == 5
+
+
+def test_a_signal_outside_spark_stops_at_once_and_during_a_call_that_is_no_job_at_the_next_stage(spark):
+    _send(signal.SIGINT, 0.5)
+    with pytest.raises(stopping.Stopped) as stopped:
+        with stopping.on_signals(spark):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+    assert stopped.value.code == 130
+
+    reached = []
+    _send(signal.SIGTERM, 0.5)
+    with pytest.raises(stopping.Stopped):
+        with stopping.on_signals(spark) as stop:
+            spark._jvm.java.lang.Thread.sleep(2000)   # a Py4J call that is no Spark job: it ends as it would
+            reached.append("after the call")
+            stop.check()                              # the next stage does not start
+            reached.append("next stage")
+    assert reached == ["after the call"]
+
+
+def _signal_once_a_job_runs(spark, sig: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not spark.sparkContext.statusTracker().getActiveJobsIds():
+        time.sleep(0.02)
+    os.kill(os.getpid(), sig)
+
+
+def test_a_stage_stopped_by_sigterm_says_so_in_one_line_and_frees_the_warehouse(spark, tmp_path, capsys):
+    rows = [f"u{u},i{i},{(u + i) % 5 + 1},{1000 + 10 * u + i}" for u in range(40) for i in range(8)]
+    (tmp_path / "inter.csv").write_text("user_id,item_id,rating,ts\n" + "\n".join(rows) + "\n")
+    (tmp_path / "items.csv").write_text("item_id,title\n" + "\n".join(f"i{i},film {i}" for i in range(8)) + "\n")
+    args = [f"data.path={tmp_path / 'inter.csv'}", f"data.items_path={tmp_path / 'items.csv'}", "data.format=csv",
+            "data.source=table", "data.kcore=0", "dataset=stopping", f"warehouse={tmp_path / 'wh'}"]
+    watcher = threading.Thread(target=_signal_once_a_job_runs, args=(spark, signal.SIGTERM))
+    watcher.start()
+    assert main(["ingest", *args]) == 143
+    watcher.join()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("siren-batch:")]
+    assert len(err) == 1 and err[0].startswith("siren-batch: ingest stopped by SIGTERM"), err
+    assert main(["ingest", *args]) == 0   # no --break-lock: the lock went with the stopped run
+    runs = read_table(spark, load_config([], args), "runs").where("stage = 'ingest'").orderBy("started_at").collect()
+    assert [r.status for r in runs] == ["failed", "ok"]
