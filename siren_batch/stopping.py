@@ -4,29 +4,30 @@ Python runs a signal handler in the main thread, between bytecodes. A driver tha
 for a Spark job waits inside a Py4J call, and raising there leaves the call's answer
 unread on the thread's Py4J connection: the cleanup that follows (the warehouse lock's
 release, the failed run's record) then waits for the whole job, and reads the job's
-answer as its own. So a signal that lands inside a Py4J call asks another thread to
-cancel the session's jobs, until that call returns; the call then fails at once with
-the cancelled job's error (a call that is not a job ends as it would have; the run
-then stops at its next stage or night step, `Watch.check`). A signal anywhere else
-raises SystemExit there, as a plain Python program would. Either way the run unwinds
-through its cleanup, and `on_signals` turns what comes out into `Stopped`: the command
-line prints one line and exits with 128 + the signal's number, as a shell reports a
-process the signal ended.
+answer as its own. So from the first signal on, another thread cancels the session's
+jobs until the run has unwound. A signal that lands inside a Py4J call lets that call
+go on, and it fails at once with the cancelled job's error (a call that is not a job
+ends as it would have, and the next job fails); anywhere else the signal raises
+SystemExit there, as in a plain Python program (an Arrow collect's read of its socket
+is such a place: the job behind it is cancelled too). The cleanup starts no Spark job
+(a run record is written by the driver, the lock is a file), so the cancelling cannot
+cut it short. Later signals are only logged, so they cannot break into the cleanup
+either. `on_signals` turns what comes out of the block into `Stopped`: the command line
+prints one line and exits with 128 + the signal's number, as a shell reports a process
+the signal ended.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
-import time
 from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-CANCEL_EVERY_S = 0.5
+CANCEL_EVERY_S = 0.1   # a job shorter than this may still finish; a longer one is cancelled
 
 
 class Stopped(Exception):
@@ -35,39 +36,29 @@ class Stopped(Exception):
     def __init__(self, signum: int):
         self.signum = signum
         self.code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}: the running Spark job was cancelled, "
-                         "the warehouse lock released and the run recorded as failed")
+        super().__init__(f"stopped by {signal.Signals(signum).name}: Spark jobs cancelled, the stage that was "
+                         "running recorded as failed, the warehouse lock released")
 
 
-def in_py4j_call(frame) -> object | None:
-    """The outermost Py4J frame on the stack that `frame` belongs to, else None."""
-    found = None
+def in_py4j_call(frame) -> bool:
+    """Whether `frame` or one of its callers is Py4J's (a call into the JVM)."""
     while frame is not None:
         if frame.f_globals.get("__name__", "").startswith("py4j."):
-            found = frame
-        frame = frame.f_back
-    return found
-
-
-def on_stack(target, frame) -> bool:
-    """Whether `target` is `frame` or one of its callers."""
-    while frame is not None:
-        if frame is target:
             return True
         frame = frame.f_back
     return False
 
 
-def _cancel_while_waiting(spark, call, main_ident: int) -> None:
-    """Cancel the session's jobs until the main thread leaves the Py4J call `call`
-    (a job that starts after one cancel is caught by the next)."""
-    while on_stack(call, sys._current_frames().get(main_ident)):
+def _cancel_until(spark, done: threading.Event) -> None:
+    """Cancel the session's jobs every CANCEL_EVERY_S until `done` (a job that starts
+    after one cancel is caught by the next)."""
+    while not done.is_set():
         try:
             spark.sparkContext.cancelAllJobs()
         except Exception:  # the session is gone: nothing is left to cancel
             logger.debug("cancelAllJobs failed", exc_info=True)
             return
-        time.sleep(CANCEL_EVERY_S)
+        done.wait(CANCEL_EVERY_S)
 
 
 class Watch:
@@ -93,20 +84,19 @@ def on_signals(spark, signals=SIGNALS):
         yield watch
         return
     got = watch.got
-    canceller: list[threading.Thread] = []
-    main_ident = threading.get_ident()
+    unwound = threading.Event()
+    canceller = threading.Thread(target=_cancel_until, args=(spark, unwound), name="siren-batch-stop", daemon=True)
 
     def handle(signum, frame):
+        name = signal.Signals(signum).name
+        if got:
+            logger.warning("%s: already stopping (SIGKILL stops at once, then --break-lock)", name)
+            return
         got.append(signum)
-        call = in_py4j_call(frame)
-        if call is None:
+        logger.warning("%s: stopping: cancelling the running Spark jobs", name)
+        canceller.start()
+        if not in_py4j_call(frame):
             raise SystemExit(128 + signum)
-        if not (canceller and canceller[-1].is_alive()):
-            logger.warning("%s: cancelling the running Spark job", signal.Signals(signum).name)
-            thread = threading.Thread(target=_cancel_while_waiting, args=(spark, call, main_ident),
-                                      name="siren-batch-stop", daemon=True)
-            canceller.append(thread)
-            thread.start()
 
     previous = {s: signal.signal(s, handle) for s in signals}
     try:
@@ -118,3 +108,6 @@ def on_signals(spark, signals=SIGNALS):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        unwound.set()
+        if canceller.is_alive():   # its last cancel reaches the JVM before anything after the block
+            canceller.join()
