@@ -36,7 +36,7 @@ class Stopped(Exception):
     def __init__(self, signum: int):
         self.signum = signum
         self.code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}: Spark jobs cancelled, the stage that was "
+        super().__init__(f"stopped by {signal.Signals(signum).name}: Spark jobs cancelled, any stage that was "
                          "running recorded as failed, the warehouse lock released")
 
 
@@ -105,6 +105,9 @@ def on_signals(spark, signals=SIGNALS):
         if got:
             raise Stopped(got[0]) from err
         raise
+    else:
+        if got:   # it landed in a call that was no job, after the last point where a run stops
+            logger.warning("%s came when the run's work was done: it finished", signal.Signals(got[0]).name)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
