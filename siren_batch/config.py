@@ -184,7 +184,9 @@ class PromptsConfig:
     raw_history_max: int = 0          # raw variant: most recent items kept; 0 = the whole history
     # add as-of numeric priors: the user's and the item's earlier rating count and mean
     priors: bool = False
-    think_prefill: bool = False       # cot prompts end with "<think>\n": generation starts inside the reasoning
+    # cot prompts end with "<think>\n": generation starts inside the reasoning (SmolLM2's warm-up skipped the
+    # opening tag without it, so GRPO saw no format reward at all; README, SIREN's two training stages)
+    think_prefill: bool = True
 
     def __post_init__(self) -> None:
         bad = [v for v in self.variants if v not in ("sketch", "recent", "raw")]
