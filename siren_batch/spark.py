@@ -46,25 +46,45 @@ def get_spark(cfg: SparkConfig):
     if cfg.master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
-    builder = (
-        SparkSession.builder.master(cfg.master)
-        .appName(cfg.app_name)
-        .config("spark.driver.memory", cfg.driver_memory)
-        .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_size))
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.sources.partitionOverwriteMode", "dynamic")
-        .config("spark.executorEnv.PYSPARK_PYTHON", os.environ["PYSPARK_PYTHON"])
-    )
-    for key, value in {**cfg.extra, "spark.driver.extraJavaOptions": driver_java_options(cfg)}.items():
+    settings = {
+        "spark.master": cfg.master,
+        "spark.app.name": cfg.app_name,
+        "spark.driver.memory": cfg.driver_memory,
+        "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch_size),
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.sources.partitionOverwriteMode": "dynamic",
+        "spark.executorEnv.PYSPARK_PYTHON": os.environ["PYSPARK_PYTHON"],
+        **cfg.extra,
+        "spark.driver.extraJavaOptions": driver_java_options(cfg),
+    }
+    builder = SparkSession.builder
+    for key, value in settings.items():
         builder = builder.config(key, value)
     with _jvm_stderr_to(console.jvm_stderr()):
+        _gateway_in_its_own_session(settings)
         spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     logger.info("spark session: master=%s version=%s", cfg.master, spark.version)
     return spark
+
+
+def _gateway_in_its_own_session(settings: dict) -> None:
+    """Start the driver JVM in a session of its own. PySpark would start it in ours, so a
+    SIGTERM to our process group (a scheduler's stop, systemd, `timeout`) would shut the
+    JVM down under the Python driver, which could then neither cancel its job nor release
+    the warehouse lock (siren_batch.stopping). The JVM still ends with this process: it
+    exits when its stdin, a pipe from here, closes. A no-op when a gateway is up already
+    (a session exists, or spark-submit started this process and holds the JVM)."""
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+
+    if SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ:
+        return
+    conf = SparkConf(loadDefaults=False).setAll(list(settings.items()))
+    SparkContext._ensure_initialized(gateway=launch_gateway(conf, popen_kwargs={"start_new_session": True}))
 
 
 def task_cpus(spark) -> int:

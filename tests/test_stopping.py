@@ -102,3 +102,12 @@ def test_a_stage_stopped_by_sigterm_says_so_in_one_line_and_frees_the_warehouse(
     assert data.is_dir() and not (data / "_lock").exists()   # the next run needs no --break-lock
     runs = read_table(spark, load_config([], args), "runs").where("stage = 'ingest'").collect()
     assert [r.status for r in runs] == ["failed"]
+
+
+def test_the_driver_jvm_runs_in_a_session_of_its_own(spark):
+    """So a SIGTERM to the driver's process group (a scheduler's stop) reaches Python only:
+    in the group, it shut the JVM down under the driver, which left the lock behind and
+    printed no reason (measured before the change)."""
+    launcher = spark.sparkContext._gateway.proc
+    assert launcher is not None and launcher.poll() is None
+    assert os.getsid(launcher.pid) == launcher.pid != os.getsid(0)
