@@ -151,9 +151,29 @@ def backend_alone(spark, cfg, path: str) -> dict:
 
 # ---- kill halfway and start again ------------------------------------------------------
 
+def kill_family(pid: int) -> None:
+    """SIGKILL a process, its process group and all it started. Its driver JVM runs in a
+    session of its own (siren_batch.spark), outside the group, so it is named here."""
+    import psutil
+
+    try:
+        family = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _child(overrides: list[str], kill_before_commit: int) -> int:
     """The score stage alone, in a process of its own (the parent SIGKILLs it); with
-    kill_before_commit = k it kills its whole process group, JVM included, just before
+    kill_before_commit = k it kills itself and all it started, JVM included, just before
     committing chunk k + 1 (k chunks committed, the next one written to its tmp folder)."""
     from siren_batch import ratings
 
@@ -164,7 +184,7 @@ def _child(overrides: list[str], kill_before_commit: int) -> int:
             if "/chunks/" in dst:
                 commits.append(dst)
                 if len(commits) == kill_before_commit + 1:
-                    os.killpg(0, signal.SIGKILL)
+                    kill_family(os.getpid())
             return commit(spark, src, dst)
 
         ratings.move_path = move_then_maybe_die
@@ -195,10 +215,7 @@ def kill_and_restart(spark, cfg, overrides: list[str], kill: str, log: Path) -> 
                     break
                 time.sleep(0.1)
         finally:
-            try:   # the driver, its JVM and the Python workers, as a dying machine would lose them
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_family(proc.pid)   # the driver, its JVM and the Python workers, as a dying machine would
             proc.wait()
     killed_after = time.perf_counter() - start
     if proc.returncode != -signal.SIGKILL:

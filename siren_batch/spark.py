@@ -77,11 +77,13 @@ def _gateway_in_its_own_session(settings: dict) -> None:
     JVM down under the Python driver, which could then neither cancel its job nor release
     the warehouse lock (siren_batch.stopping). The JVM still ends with this process: it
     exits when its stdin, a pipe from here, closes. A no-op when a gateway is up already
-    (a session exists, or spark-submit started this process and holds the JVM)."""
+    (a session exists, or spark-submit started this process and holds the JVM), and
+    under Spark Connect."""
     from pyspark import SparkConf, SparkContext
     from pyspark.java_gateway import launch_gateway
 
-    if SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ:
+    connect = "SPARK_REMOTE" in os.environ or "spark.remote" in settings   # Spark Connect starts no gateway
+    if SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ or connect:
         return
     conf = SparkConf(loadDefaults=False).setAll(list(settings.items()))
     SparkContext._ensure_initialized(gateway=launch_gateway(conf, popen_kwargs={"start_new_session": True}))

@@ -74,7 +74,7 @@ def test_a_driver_killed_mid_stage_reruns_to_the_uninterrupted_tables(tiny_chain
     try:
         _, err = proc.communicate(timeout=300)
     finally:
-        try:   # its JVM too, as a SIGKILL of the whole driver would
+        try:   # what is left of its group; its JVM (a session of its own) exits when the driver's pipe closes
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
