@@ -35,9 +35,12 @@ class Stopped(Exception):
 
     def __init__(self, signum: int):
         self.signum = signum
-        self.code = 128 + signum
         super().__init__(f"stopped by {signal.Signals(signum).name}: Spark jobs cancelled, any stage that was "
                          "running recorded as failed, the warehouse lock released")
+
+    @property
+    def code(self) -> int:
+        return 128 + self.signum
 
 
 def in_py4j_call(frame) -> bool:
@@ -62,16 +65,16 @@ def _cancel_until(spark, done: threading.Event) -> None:
 
 
 class Watch:
-    """What `on_signals` yields: the signals taken so far, and `check`, for the points
-    between stages where a run can stop cleanly."""
+    """What `on_signals` yields: the first signal taken (None before one), and `check`, for
+    the points between stages where a run can stop cleanly."""
 
     def __init__(self) -> None:
-        self.got: list[int] = []
+        self.signum: int | None = None
 
     def check(self, *_) -> None:
         """Raise SystemExit (128 + the signal) when a signal came; else nothing."""
-        if self.got:
-            raise SystemExit(128 + self.got[0])
+        if self.signum is not None:
+            raise SystemExit(128 + self.signum)
 
 
 @contextmanager
@@ -83,16 +86,15 @@ def on_signals(spark, signals=SIGNALS):
     if threading.current_thread() is not threading.main_thread():
         yield watch
         return
-    got = watch.got
     unwound = threading.Event()
     canceller = threading.Thread(target=_cancel_until, args=(spark, unwound), name="siren-batch-stop", daemon=True)
 
     def handle(signum, frame):
         name = signal.Signals(signum).name
-        if got:
+        if watch.signum is not None:
             logger.warning("%s: already stopping (SIGKILL stops at once, then --break-lock)", name)
             return
-        got.append(signum)
+        watch.signum = signum
         logger.warning("%s: stopping: cancelling the running Spark jobs", name)
         canceller.start()
         if not in_py4j_call(frame):
@@ -102,12 +104,12 @@ def on_signals(spark, signals=SIGNALS):
     try:
         yield watch
     except BaseException as err:
-        if got:
-            raise Stopped(got[0]) from err
+        if watch.signum is not None:
+            raise Stopped(watch.signum) from err
         raise
     else:
-        if got:   # it landed in a call that was no job, after the last point where a run stops
-            logger.warning("%s came when the run's work was done: it finished", signal.Signals(got[0]).name)
+        if watch.signum is not None:   # it landed in a call that was no job, after the last point where a run stops
+            logger.warning("%s came when the run's work was done: it finished", signal.Signals(watch.signum).name)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
