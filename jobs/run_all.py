@@ -1,4 +1,6 @@
-"""The whole chain in one application: ingest -> embed -> topics -> sketches -> prompts -> score -> evaluate.
+"""The whole chain in one application: ingest -> embed -> topics -> sketches -> prompts -> score-calibrate
+-> score -> evaluate (score-calibrate: the valid split's scores and the calibrator fit on them;
+calibrate.in_chain=false leaves it out).
 
 Run locally:   python jobs/run_all.py --conf conf/demo.yaml [key=value ...]
 On a cluster:  spark-submit --py-files dist/siren_batch.zip jobs/run_all.py --conf conf/cluster.yaml

@@ -15,6 +15,7 @@ numbers. `calibrate.apply_run_date` re-applies it to an already scored partition
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +33,7 @@ from siren_batch.warehouse import read_table, run_record, write_table
 logger = logging.getLogger(__name__)
 
 CALIBRATED = ["calibrated_rating", "calibrated_median", "calibrated_probs"]
+VALID_RUN_DATE = "1970-01-01"   # calibrate.in_chain's valid scores, when calibrate.run_date is unset
 
 
 def calibrator_dir(cfg: Config) -> Path:
@@ -154,6 +156,42 @@ def _check_scored_by(scored: DataFrame, cfg: Config, run_date: str) -> None:
         raise ValueError(f"ratings run_date={run_date} were scored from other prompts (prompt_template_hash "
                          f"{sorted(prompts)}, not {mine} of {prompt_settings(cfg)}): calibrate "
                          "with the score.variant, score.mode and prompts.* settings that scored it")
+
+
+def score_valid(spark: SparkSession, cfg: Config) -> tuple[Config, dict]:
+    """score-calibrate's first half: score the valid split into calibrate.run_date (VALID_RUN_DATE
+    when unset), calibrate.max_rows pairs at most (score.limit's when fewer); returns the config
+    whose calibrate.run_date names that partition, and the score stage's summary."""
+    from siren_batch.ratings import score_run
+
+    run_date = cfg.calibrate.run_date or VALID_RUN_DATE
+    limits = [n for n in (cfg.calibrate.max_rows, cfg.score.limit) if n]
+    # The stored calibrator is not applied there (valid columns would be in-sample) nor checked:
+    # it is the one about to be replaced.
+    valid = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, candidates="split:valid", run_date=run_date,
+                                                               limit=min(limits) if limits else None),
+                                calibrate=dataclasses.replace(cfg.calibrate, enabled=False))
+    logger.info("calibrate: scoring split:valid into ratings/run_date=%s (%s pairs at most)", run_date,
+                valid.score.limit or "all")
+    summary = score_run(spark, valid)
+    return dataclasses.replace(cfg, calibrate=dataclasses.replace(cfg.calibrate, run_date=run_date)), summary
+
+
+def score_and_calibrate(spark: SparkSession, cfg: Config) -> dict:
+    """The stage `score-calibrate` (`siren-batch all`'s when calibrate.in_chain): score_valid, then
+    calibrate on those scores. Too few of them to fit on (a smoke test's score.limit=10) is a
+    warning, not a failed chain: the score stage then applies what is stored, if anything."""
+    from siren_batch.train.calibrate import min_rows
+
+    cfg, scored = score_valid(spark, cfg)
+    usable, need = scored["rows"] - scored["errors"], min_rows(cfg.calibrate.folds)
+    if usable < need:
+        why = (f"{usable} valid pairs scored without error, a fit needs {need} (10 x calibrate.folds): "
+               f"not fitted (raise score.limit or calibrate.max_rows)")
+        logger.warning("score-calibrate: %s; the score stage applies the calibrator stored at %s, if any",
+                       why, calibrator_dir(cfg))
+        return {"skipped": why, "valid_scored": scored}
+    return {**calibrate(spark, cfg), "valid_scored": scored}
 
 
 def calibrate(spark: SparkSession, cfg: Config) -> dict:

@@ -1,8 +1,9 @@
 """`siren-batch <stage> [--conf FILE ...] [key=value ...]`
 
 Stages: ingest, embed, topics, sketches, prompts, score, evaluate; `all` runs
-ingest..evaluate; `sketch-chain` runs ingest..prompts; `prepare-model`
-converts the bundled SmolLM2 once. Examples:
+ingest..evaluate, fitting the calibrator on the valid split before scoring
+(score-calibrate; calibrate.in_chain=false skips it); `sketch-chain` runs
+ingest..prompts; `prepare-model` converts the bundled SmolLM2 once. Examples:
 
     siren-batch ingest                                   # MovieLens-100K, local mode
     siren-batch sketches dataset=siren-movies topics.k=30
@@ -25,7 +26,7 @@ from siren_batch.lock import LockHeld
 
 logger = logging.getLogger("siren_batch")
 
-CHAINS = {"all": "FULL_CHAIN", "sketch-chain": "SKETCH_CHAIN"}
+CHAINS = ("all", "sketch-chain")   # their stages: pipeline.chain
 LOCK_FREE = {"train-sft", "train-grpo", "train-align", "export"}   # write under train.out_dir, not the warehouse
 
 
@@ -77,7 +78,7 @@ def run(stage: str, conf_files: list[str], overrides: list[str], *, run_date: st
             from siren_batch.nightly import run_night
             return {"nightly": run_night(spark, cfg, run_date, redo=redo, after_step=stop.check),
                     "warehouse": f"{cfg.warehouse.rstrip('/')}/{cfg.dataset}"}
-        return _run_stages(spark, cfg, getattr(pipeline, CHAINS[stage]) if stage in CHAINS else [stage],
+        return _run_stages(spark, cfg, pipeline.chain(stage, cfg) if stage in CHAINS else [stage],
                            before_stage=stop.check)
 
 

@@ -279,11 +279,14 @@ class EvaluateConfig:
 class CalibrateConfig:
     """`make calibrate`: fit the scorer's log-probs (+ baselines, counts) to the final rating on valid."""
     enabled: bool = True              # the score stage applies a stored calibrator when one is present
+    in_chain: bool = True             # `siren-batch all` runs score-calibrate before score (when enabled)
     run_date: str | None = None       # ratings partition holding the split:valid scores; None = the newest
+                                      # (score-calibrate scores them there; None = 1970-01-01)
     apply_run_date: str | None = None # also fill the calibrated columns of this already scored partition
     features: list[str] = field(default_factory=lambda: ["llm", "baselines", "counts"])  # llm | baselines | counts
     folds: int = 5                    # cross-validation folds (hyper-parameters and out-of-fold valid metrics)
-    max_rows: int | None = None       # fit on at most this many valid rows (a hashed sample); None = all
+    max_rows: int | None = 1000       # fit on at most this many valid rows (a hashed sample); None = all.
+                                      # score-calibrate scores only these (or score.limit's, if fewer)
     path: str | None = None           # where the calibrator lives; None = beside the model (calibration/<dataset>)
     seed: int = 42
 

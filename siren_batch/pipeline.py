@@ -213,6 +213,13 @@ def calibrate(spark: SparkSession, cfg: Config) -> dict:
     return fit_and_store(spark, cfg)
 
 
+def score_calibrate(spark: SparkSession, cfg: Config) -> dict:
+    """Score the valid split (calibrate.max_rows pairs at most), then fit the calibrator on it."""
+    from siren_batch.calibration import score_and_calibrate
+
+    return score_and_calibrate(spark, cfg)
+
+
 def train_probe(spark: SparkSession, cfg: Config) -> dict:
     """Frozen hidden states + baselines -> the probe, fit on valid, scores probe.split."""
     from siren_batch.train.probe import train_probe as fit_and_score
@@ -235,6 +242,7 @@ STAGES: dict[str, Callable[[SparkSession, Config], dict]] = {
     "score": score,
     "evaluate": evaluate,
     "calibrate": calibrate,
+    "score-calibrate": score_calibrate,
     "train-probe": train_probe,
     "train-sft": train_stages.train_sft,
     "train-grpo": train_stages.train_grpo,
@@ -243,3 +251,14 @@ STAGES: dict[str, Callable[[SparkSession, Config], dict]] = {
 }
 SKETCH_CHAIN = ["ingest", "embed", "topics", "sketches", "prompts"]
 FULL_CHAIN = [*SKETCH_CHAIN, "score", "evaluate"]
+
+
+def chain(name: str, cfg: Config) -> list[str]:
+    """The stages of a CLI chain: `sketch-chain`, or `all`, which fits the calibrator on the valid
+    split before scoring (calibrate.in_chain, with calibrate.enabled) so the scores it evaluates
+    are calibrated as well as raw."""
+    if name == "sketch-chain":
+        return SKETCH_CHAIN
+    if cfg.calibrate.in_chain and cfg.calibrate.enabled:
+        return [*SKETCH_CHAIN, "score-calibrate", "score", "evaluate"]
+    return FULL_CHAIN

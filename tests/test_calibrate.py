@@ -241,6 +241,49 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
     assert len(frame) == 12 and frame["label"].notna().all()
 
 
+def test_score_calibrate_scores_valid_then_fits_and_all_runs_it_before_score(spark, tmp_path, long_tiny_model,
+                                                                             small_warehouse):
+    """`siren-batch all`'s calibration: valid scores into their own partition (calibrate.max_rows
+    pairs, no calibrated columns: in-sample there), the fit on them, then a score run that
+    fills the calibrated columns; the chain leaves it out when asked to."""
+    from pyspark.sql import functions as F
+
+    from siren_batch import pipeline, schemas
+    from siren_batch.calibration import VALID_RUN_DATE
+    from siren_batch.config import load_config
+    from siren_batch.warehouse import read_table
+
+    args = [f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal'}", f"score.model={long_tiny_model}",
+            "score.device=cpu", "score.dtype=float32", "score.run_date=2026-03-02", "calibrate.folds=2",
+            "calibrate.max_rows=30", "evaluate.als_ranks=[2]", "evaluate.als_reg_params=[0.1]",
+            "evaluate.als_max_iter=3"]
+    cfg = load_config(overrides=args)
+    rows = _warehouse(small_warehouse, cfg)
+    assert pipeline.chain("all", cfg) == [*pipeline.SKETCH_CHAIN, "score-calibrate", "score", "evaluate"]
+    for off in ("calibrate.in_chain=false", "calibrate.enabled=false"):
+        assert pipeline.chain("all", load_config(overrides=[*args, off])) == pipeline.FULL_CHAIN
+    assert pipeline.chain("sketch-chain", cfg) == pipeline.SKETCH_CHAIN
+
+    few = load_config(overrides=[*args, "score.limit=5", f"calibrate.path={tmp_path / 'few'}"])
+    skipped = pipeline.STAGES["score-calibrate"](spark, few)           # a smoke test's limit: a warning
+    assert skipped["valid_scored"]["rows"] == 5 and "5 valid pairs scored without error, a fit needs 20" in \
+        skipped["skipped"] and not (tmp_path / "few").exists()
+
+    summary = pipeline.STAGES["score-calibrate"](spark, cfg)
+    assert summary["valid_scored"]["run_date"] == VALID_RUN_DATE and summary["valid_scored"]["rows"] == 30
+    assert summary["rows"] == 30 and summary["valid"]["valid_run_date"] == VALID_RUN_DATE
+    ratings = read_table(spark, cfg, "ratings", schemas.RATINGS)
+    valid = ratings.where(F.col("run_date") == VALID_RUN_DATE).collect()
+    valid_pairs = {(u, i) for u, i, _, _, split in rows if split == "valid"}
+    assert len(valid) == 30 and {(r.user_id, r.item_id) for r in valid} <= valid_pairs
+    assert all(r.error is None and r.probs and r.calibrated_rating is None for r in valid)
+
+    assert pipeline.score(spark, cfg)["rows"] == 40
+    test = read_table(spark, cfg, "ratings", schemas.RATINGS).where(F.col("run_date") == "2026-03-02").collect()
+    assert len(test) == 40 and all(1 <= r.calibrated_rating <= 5 and abs(sum(r.calibrated_probs) - 1) < 1e-9
+                                   for r in test)
+
+
 def test_valid_features_reuse_the_tuned_als_fit(spark, tmp_path, small_warehouse):
     """The valid split's ALS column is the grid search's own fit, not a refit: the same
     numbers as a refit with the chosen (rank, reg)."""

@@ -197,3 +197,15 @@ def test_report_renders_in_chromium(report, cfg, tmp_path):
     assert all(share > 0.01 for share in bands(ink(full))), bands(ink(full))
     assert colour(full).mean() > 0.02
     assert sum(share > 0.005 for share in bands(colour(full))) >= 4        # plots all down the page
+
+
+def test_a_partitions_stages_leave_out_other_score_runs(tmp_path):
+    """`siren-batch all` scores the valid split (calibrate.in_chain) just before the test
+    partition: the test partition's stages show the calibrate run and its own score run,
+    not the valid one's (nor an older day's)."""
+    cfg = load_config(overrides=[f"warehouse={tmp_path}"])
+    runs = pl.DataFrame({"run_id": ["old", "p", "valid", "cal", "test", "ev"],
+                         "stage": ["score", "prompts", "score", "calibrate", "score", "evaluate"],
+                         "started_at": list(range(6))})
+    stages, scope = explore._runs_of(runs, cfg, None, "2026-01-05", ["test"])
+    assert stages["run_id"].to_list() == ["p", "cal", "test", "ev"] and "its score run" in scope

@@ -157,6 +157,11 @@ def _out_of_fold(x: np.ndarray, labels: np.ndarray, c: float, folds: int, seed: 
     return oof
 
 
+def min_rows(folds: int) -> int:
+    """The fewest labelled rows a fit takes: ten per cross-validation fold."""
+    return 10 * folds
+
+
 def fit_calibrator(frame: Any, groups: Sequence[str], folds: int = 5, seed: int = 42,
                    cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0)) -> Calibrator:
     """Fit on a labelled pandas frame (label, probs, bias, als, counts). The logistic
@@ -168,8 +173,8 @@ def fit_calibrator(frame: Any, groups: Sequence[str], folds: int = 5, seed: int 
     base added back for a residual model) where present, else read from probs."""
     labels = frame["label"].astype(float).to_numpy()
     x, names = feature_matrix(frame, groups)
-    if len(x) < 10 * folds:
-        raise ValueError(f"calibration needs at least {10 * folds} labelled rows, got {len(x)}")
+    if len(x) < min_rows(folds):
+        raise ValueError(f"calibration needs at least {min_rows(folds)} labelled rows, got {len(x)}")
     outside = labels[(labels < VALUES[0]) | (labels > VALUES[-1]) | np.isnan(labels)]
     if len(outside):
         raise ValueError(f"calibration labels {sorted(set(outside.tolist()))[:5]} lie off the scale "
