@@ -16,6 +16,7 @@ numbers. `calibrate.apply_run_date` re-applies it to an already scored partition
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,7 +26,7 @@ from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.assets import llm_id, models_dir, resolve_llm
-from siren_batch.config import Config
+from siren_batch.config import Config, ConfigError
 from siren_batch.features import KEY, candidate_features, split_features
 from siren_batch.prompts import prompt_settings, prompt_template_hash
 from siren_batch.warehouse import read_table, run_record, write_table
@@ -127,7 +128,9 @@ def _fit_frame(spark: SparkSession, cfg: Config) -> tuple[Any, tuple[int, float]
         labelled.unpersist()
         raise ValueError(f"ratings run_date={run_date}: only {n_valid} of its {n_scored} scored rows are valid "
                          f"pairs: score split:valid first "
-                         f"(siren-batch score score.candidates=split:valid score.run_date=...)")
+                         f"(siren-batch score score.candidates=split:valid score.run_date=...), or name the "
+                         f"partition that holds them (`siren-batch all` scores them into "
+                         f"calibrate.run_date={VALID_RUN_DATE})")
     feats, als_params = split_features(spark, cfg, "valid")
     pairs = labelled.join(feats, on=KEY, how="left")
     if cfg.calibrate.max_rows:
@@ -160,12 +163,12 @@ def _check_scored_by(scored: DataFrame, cfg: Config, run_date: str) -> None:
 
 def score_valid(spark: SparkSession, cfg: Config) -> tuple[Config, dict]:
     """score-calibrate's first half: score the valid split into calibrate.run_date (VALID_RUN_DATE
-    when unset), calibrate.max_rows pairs at most (score.limit's when fewer); returns the config
+    when unset), calibrate.chain_rows pairs at most (score.limit's when fewer); returns the config
     whose calibrate.run_date names that partition, and the score stage's summary."""
     from siren_batch.ratings import score_run
 
     run_date = cfg.calibrate.run_date or VALID_RUN_DATE
-    limits = [n for n in (cfg.calibrate.max_rows, cfg.score.limit) if n]
+    limits = [n for n in (cfg.calibrate.chain_rows, cfg.score.limit) if n]
     # The stored calibrator is not applied there (valid columns would be in-sample) nor checked:
     # it is the one about to be replaced.
     valid = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, candidates="split:valid", run_date=run_date,
@@ -183,11 +186,17 @@ def score_and_calibrate(spark: SparkSession, cfg: Config) -> dict:
     warning, not a failed chain: the score stage then applies what is stored, if anything."""
     from siren_batch.train.calibrate import min_rows
 
+    if cfg.score.mode == "cot":   # refused before a thousand chains of thought are generated
+        raise ConfigError("score-calibrate fits the rating-token distribution of answer-only scoring; "
+                          "score.mode=cot has none (set score.mode=answer_only, or calibrate.in_chain=false)")
+    # apply_run_date is for `siren-batch calibrate` (a partition scored before): the chain's own
+    # score stage applies the new calibrator.
+    cfg = dataclasses.replace(cfg, calibrate=dataclasses.replace(cfg.calibrate, apply_run_date=None))
     cfg, scored = score_valid(spark, cfg)
     usable, need = scored["rows"] - scored["errors"], min_rows(cfg.calibrate.folds)
     if usable < need:
         why = (f"{usable} valid pairs scored without error, a fit needs {need} (10 x calibrate.folds): "
-               f"not fitted (raise score.limit or calibrate.max_rows)")
+               f"not fitted (raise score.limit or calibrate.chain_rows)")
         logger.warning("score-calibrate: %s; the score stage applies the calibrator stored at %s, if any",
                        why, calibrator_dir(cfg))
         return {"skipped": why, "valid_scored": scored}
@@ -203,13 +212,31 @@ def calibrate(spark: SparkSession, cfg: Config) -> dict:
         rec.input_rows = len(frame)
         calibrator = fit_calibrator(frame, cfg.calibrate.features, cfg.calibrate.folds, cfg.calibrate.seed)
         calibrator.meta.update({"fitted_for": fitted_for(cfg), "als_params": list(als_params),
-                                "valid_run_date": run_date, "config_hash": cfg.hash()})
+                                "valid_run_date": run_date, "config_hash": cfg.hash(),
+                                "warehouse": cfg.warehouse, "sample_users": cfg.data.sample_users})
+        _say_what_is_replaced(calibrator_dir(cfg), calibrator.meta)
         folder = calibrator.save(calibrator_dir(cfg))
         summary = {"calibrator": str(folder), "rows": len(frame), "valid": calibrator.meta}
         if cfg.calibrate.apply_run_date:
             summary["applied"] = _reapply(spark, cfg, calibrator, cfg.calibrate.apply_run_date)
         rec.output_rows = summary.get("applied", 0)
     return summary
+
+
+def _say_what_is_replaced(folder: Path, new: dict) -> None:
+    """One calibrator per model and dataset: the last fit wins. Say so when a fit on fewer rows,
+    or on another warehouse, replaces one (a demo's 100 rows over a full run's)."""
+    path = folder / "calibration.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if old.get("rows", 0) > new["rows"] or old.get("warehouse", new["warehouse"]) != new["warehouse"]:
+        logger.warning("replacing the calibrator at %s, fit on %s valid rows of %s, with one fit on %d rows of %s "
+                       "(set calibrate.path to keep both)", folder, old.get("rows"),
+                       old.get("warehouse", "an unrecorded warehouse"), new["rows"], new["warehouse"])
 
 
 def _refuse_in_sample(cfg: Config, apply_run_date: str, valid_run_date: str | None) -> None:

@@ -285,8 +285,9 @@ class CalibrateConfig:
     apply_run_date: str | None = None # also fill the calibrated columns of this already scored partition
     features: list[str] = field(default_factory=lambda: ["llm", "baselines", "counts"])  # llm | baselines | counts
     folds: int = 5                    # cross-validation folds (hyper-parameters and out-of-fold valid metrics)
-    max_rows: int | None = 1000       # fit on at most this many valid rows (a hashed sample); None = all.
-                                      # score-calibrate scores only these (or score.limit's, if fewer)
+    max_rows: int | None = None       # fit on at most this many valid rows (a hashed sample); None = all
+    chain_rows: int | None = 1000     # score-calibrate scores at most this many valid pairs (a hashed
+                                      # sample; score.limit's when fewer); None = every valid pair
     path: str | None = None           # where the calibrator lives; None = beside the model (calibration/<dataset>)
     seed: int = 42
 
@@ -296,6 +297,7 @@ class CalibrateConfig:
                  f"calibrate.features has unknown entries {bad}; use llm, baselines, counts")
         _require(self.folds >= 2, "calibrate.folds must be >= 2")
         _require(self.max_rows is None or self.max_rows > 0, "calibrate.max_rows must be > 0 or null")
+        _require(self.chain_rows is None or self.chain_rows > 0, "calibrate.chain_rows must be > 0 or null")
 
 
 @dataclass

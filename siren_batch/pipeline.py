@@ -1,7 +1,7 @@
 """The stages: each reads its input tables by name, calls pure library
 functions, writes its output tables atomically and appends a run record.
 
-    ingest -> embed -> topics -> sketches -> prompts -> score -> evaluate
+    ingest -> embed -> topics -> sketches -> prompts -> [score-calibrate] -> score -> evaluate
 
 Every stage function has the signature `(spark, cfg) -> dict` (a summary of
 counts that the CLI prints) so the CLI, the jobs/ entry points and the tests
@@ -214,7 +214,7 @@ def calibrate(spark: SparkSession, cfg: Config) -> dict:
 
 
 def score_calibrate(spark: SparkSession, cfg: Config) -> dict:
-    """Score the valid split (calibrate.max_rows pairs at most), then fit the calibrator on it."""
+    """Score the valid split (calibrate.chain_rows pairs at most), then fit the calibrator on it."""
     from siren_batch.calibration import score_and_calibrate
 
     return score_and_calibrate(spark, cfg)
@@ -255,10 +255,11 @@ FULL_CHAIN = [*SKETCH_CHAIN, "score", "evaluate"]
 
 def chain(name: str, cfg: Config) -> list[str]:
     """The stages of a CLI chain: `sketch-chain`, or `all`, which fits the calibrator on the valid
-    split before scoring (calibrate.in_chain, with calibrate.enabled) so the scores it evaluates
-    are calibrated as well as raw."""
+    split before scoring (calibrate.in_chain, with calibrate.enabled; not for score.mode=cot,
+    which has no rating distribution to calibrate) so the scores it evaluates are calibrated as
+    well as raw."""
     if name == "sketch-chain":
         return SKETCH_CHAIN
-    if cfg.calibrate.in_chain and cfg.calibrate.enabled:
+    if cfg.calibrate.in_chain and cfg.calibrate.enabled and cfg.score.mode != "cot":
         return [*SKETCH_CHAIN, "score-calibrate", "score", "evaluate"]
     return FULL_CHAIN

@@ -243,19 +243,19 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
 
 def test_score_calibrate_scores_valid_then_fits_and_all_runs_it_before_score(spark, tmp_path, long_tiny_model,
                                                                              small_warehouse):
-    """`siren-batch all`'s calibration: valid scores into their own partition (calibrate.max_rows
+    """`siren-batch all`'s calibration: valid scores into their own partition (calibrate.chain_rows
     pairs, no calibrated columns: in-sample there), the fit on them, then a score run that
     fills the calibrated columns; the chain leaves it out when asked to."""
     from pyspark.sql import functions as F
 
     from siren_batch import pipeline, schemas
     from siren_batch.calibration import VALID_RUN_DATE
-    from siren_batch.config import load_config
+    from siren_batch.config import ConfigError, load_config
     from siren_batch.warehouse import read_table
 
     args = [f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal'}", f"score.model={long_tiny_model}",
             "score.device=cpu", "score.dtype=float32", "score.run_date=2026-03-02", "calibrate.folds=2",
-            "calibrate.max_rows=30", "evaluate.als_ranks=[2]", "evaluate.als_reg_params=[0.1]",
+            "calibrate.chain_rows=30", "evaluate.als_ranks=[2]", "evaluate.als_reg_params=[0.1]",
             "evaluate.als_max_iter=3"]
     cfg = load_config(overrides=args)
     rows = _warehouse(small_warehouse, cfg)
@@ -263,6 +263,10 @@ def test_score_calibrate_scores_valid_then_fits_and_all_runs_it_before_score(spa
     for off in ("calibrate.in_chain=false", "calibrate.enabled=false"):
         assert pipeline.chain("all", load_config(overrides=[*args, off])) == pipeline.FULL_CHAIN
     assert pipeline.chain("sketch-chain", cfg) == pipeline.SKETCH_CHAIN
+    cot = load_config(overrides=[*args, "score.mode=cot"])   # no rating distribution to calibrate
+    assert pipeline.chain("all", cot) == pipeline.FULL_CHAIN
+    with pytest.raises(ConfigError, match="score.mode=cot has none"):
+        pipeline.STAGES["score-calibrate"](spark, cot)
 
     few = load_config(overrides=[*args, "score.limit=5", f"calibrate.path={tmp_path / 'few'}"])
     skipped = pipeline.STAGES["score-calibrate"](spark, few)           # a smoke test's limit: a warning
@@ -282,6 +286,20 @@ def test_score_calibrate_scores_valid_then_fits_and_all_runs_it_before_score(spa
     test = read_table(spark, cfg, "ratings", schemas.RATINGS).where(F.col("run_date") == "2026-03-02").collect()
     assert len(test) == 40 and all(1 <= r.calibrated_rating <= 5 and abs(sum(r.calibrated_probs) - 1) < 1e-9
                                    for r in test)
+
+
+def test_a_fit_says_when_it_replaces_a_larger_one_or_another_warehouses(tmp_path, caplog):
+    import json
+
+    from siren_batch.calibration import _say_what_is_replaced
+
+    _say_what_is_replaced(tmp_path, {"rows": 100, "warehouse": "/wh"})          # nothing stored: nothing said
+    (tmp_path / "calibration.json").write_text(json.dumps({"rows": 943, "warehouse": "/wh"}))
+    for new, said in (({"rows": 943, "warehouse": "/wh"}, False), ({"rows": 2000, "warehouse": "/wh"}, False),
+                      ({"rows": 100, "warehouse": "/wh"}, True), ({"rows": 943, "warehouse": "/demo"}, True)):
+        caplog.clear()
+        _say_what_is_replaced(tmp_path, new)
+        assert ("fit on 943 valid rows of /wh" in caplog.text) is said, new
 
 
 def test_valid_features_reuse_the_tuned_als_fit(spark, tmp_path, small_warehouse):

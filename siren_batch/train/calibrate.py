@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -96,7 +97,7 @@ class Calibrator:
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "calibrator.pkl.tmp"
+        tmp = folder / f"calibrator.pkl.{uuid.uuid4().hex[:8]}.tmp"   # two fits at once: neither reads half of one
         tmp.write_bytes(pickle.dumps(self))
         tmp.replace(folder / "calibrator.pkl")
         (folder / "calibration.json").write_text(json.dumps(self.meta, indent=2, default=str) + "\n")
