@@ -11,6 +11,7 @@ dataset -> system -> readout, mae, rmse, nll, n, eval_id, plus what --meta adds
 A system's name says its readout: `.../median`, `.../argmax`, else the expected
 value (LLM) or the point estimate (calibrated, baselines).
 
+--drop PREFIX leaves out systems read now (an evaluation without a system name, `llm:<model>`).
 --merge keeps what the results file already holds (a warehouse that is gone, another
 machine's runs): the systems read now replace their namesakes, every other entry stays
 as recorded, and each entry carries the date it was read (`recorded`).
@@ -137,6 +138,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warehouse", default="./warehouse")
     parser.add_argument("--split", default="test")
     parser.add_argument("--meta", action="append", default=[], metavar="SYSTEM=key:value,...")
+    parser.add_argument("--drop", action="append", default=[], metavar="PREFIX",
+                        help="leave out the systems read now whose name starts with PREFIX (e.g. llm: for an "
+                             "evaluation run without evaluate.system)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the results file's other entries; the systems read now replace their namesakes")
     args = parser.parse_args(argv)
@@ -146,6 +150,7 @@ def main(argv: list[str]) -> int:
     for dataset in args.dataset:
         root = Path(args.warehouse) / dataset
         systems = newest_by_system(pd.read_parquet(root / "metrics"), args.split)
+        systems = {s: r for s, r in systems.items() if not s.startswith(tuple(args.drop))} if args.drop else systems
         table[dataset] = {s: {**r, **meta_for(meta, dataset, s), "recorded": recorded} for s, r in systems.items()}
         for name, quoted in PAPER_ROWS.get(dataset, {}).items():   # quoted, never measured here
             if quoted.get("split", args.split) == args.split:

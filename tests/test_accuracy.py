@@ -74,3 +74,6 @@ def test_merge_keeps_what_the_warehouse_no_longer_holds(tmp_path, monkeypatch):
     assert datasets["movies"]["llm:b"]["mae"] == 0.6 and datasets["movies"]["llm:b"]["eval_id"] == e2
     assert accuracy.main([*wh, "--dataset", "movies"]) == 0               # without --merge: what is read now
     assert set(json.loads((tmp_path / "results" / "accuracy.json").read_text())["datasets"]) == {"movies"}
+    # --drop leaves out what is read now under a prefix (an unnamed evaluation's llm:<model>)
+    assert accuracy.main([*wh, "--dataset", "movies", "--drop", "llm:"]) == 0
+    assert "llm:b" not in json.loads((tmp_path / "results" / "accuracy.json").read_text())["datasets"]["movies"]
