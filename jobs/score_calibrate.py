@@ -2,7 +2,7 @@
 
 Run locally:   python jobs/score_calibrate.py [key=value ...]   (= siren-batch score-calibrate)
 On a cluster:  spark-submit --py-files dist/siren_batch.zip jobs/score_calibrate.py --conf conf/cluster.yaml ...
-The valid scores go to ratings/run_date=<calibrate.run_date, default 1970-01-01>, calibrate.max_rows
+The valid scores go to ratings/run_date=<calibrate.run_date, default 1970-01-01>, calibrate.chain_rows
 pairs at most; the score stage applies the calibrator from then on.
 """
 

@@ -150,7 +150,7 @@ def main(argv: list[str]) -> int:
     for dataset in args.dataset:
         root = Path(args.warehouse) / dataset
         systems = newest_by_system(pd.read_parquet(root / "metrics"), args.split)
-        systems = {s: r for s, r in systems.items() if not s.startswith(tuple(args.drop))} if args.drop else systems
+        systems = {s: r for s, r in systems.items() if not s.startswith(tuple(args.drop))}
         table[dataset] = {s: {**r, **meta_for(meta, dataset, s), "recorded": recorded} for s, r in systems.items()}
         for name, quoted in PAPER_ROWS.get(dataset, {}).items():   # quoted, never measured here
             if quoted.get("split", args.split) == args.split:

@@ -34,7 +34,7 @@ from siren_batch.warehouse import read_table, run_record, write_table
 logger = logging.getLogger(__name__)
 
 CALIBRATED = ["calibrated_rating", "calibrated_median", "calibrated_probs"]
-VALID_RUN_DATE = "1970-01-01"   # calibrate.in_chain's valid scores, when calibrate.run_date is unset
+VALID_RUN_DATE = "1970-01-01"   # score-calibrate's valid scores, when calibrate.run_date is unset
 
 
 def calibrator_dir(cfg: Config) -> Path:
@@ -164,7 +164,7 @@ def _check_scored_by(scored: DataFrame, cfg: Config, run_date: str) -> None:
 def score_valid(spark: SparkSession, cfg: Config) -> tuple[Config, dict]:
     """score-calibrate's first half: score the valid split into calibrate.run_date (VALID_RUN_DATE
     when unset), calibrate.chain_rows pairs at most (score.limit's when fewer); returns the config
-    whose calibrate.run_date names that partition, and the score stage's summary."""
+    to fit with (its calibrate.run_date names that partition) and the score stage's summary."""
     from siren_batch.ratings import score_run
 
     run_date = cfg.calibrate.run_date or VALID_RUN_DATE
@@ -177,7 +177,10 @@ def score_valid(spark: SparkSession, cfg: Config) -> tuple[Config, dict]:
     logger.info("calibrate: scoring split:valid into ratings/run_date=%s (%s pairs at most)", run_date,
                 valid.score.limit or "all")
     summary = score_run(spark, valid)
-    return dataclasses.replace(cfg, calibrate=dataclasses.replace(cfg.calibrate, run_date=run_date)), summary
+    # apply_run_date is for `siren-batch calibrate` (a partition scored before): the chain's own
+    # score stage applies the new calibrator.
+    fit = dataclasses.replace(cfg.calibrate, run_date=run_date, apply_run_date=None)
+    return dataclasses.replace(cfg, calibrate=fit), summary
 
 
 def score_and_calibrate(spark: SparkSession, cfg: Config) -> dict:
@@ -189,9 +192,6 @@ def score_and_calibrate(spark: SparkSession, cfg: Config) -> dict:
     if cfg.score.mode == "cot":   # refused before a thousand chains of thought are generated
         raise ConfigError("score-calibrate fits the rating-token distribution of answer-only scoring; "
                           "score.mode=cot has none (set score.mode=answer_only, or calibrate.in_chain=false)")
-    # apply_run_date is for `siren-batch calibrate` (a partition scored before): the chain's own
-    # score stage applies the new calibrator.
-    cfg = dataclasses.replace(cfg, calibrate=dataclasses.replace(cfg.calibrate, apply_run_date=None))
     cfg, scored = score_valid(spark, cfg)
     usable, need = scored["rows"] - scored["errors"], min_rows(cfg.calibrate.folds)
     if usable < need:

@@ -28,7 +28,9 @@ TABLES = ["interactions", "items", "rejects", "item_embeddings", "topics", "item
           "example_sketches", "sketches", "prompts", "ratings", "metrics", "runs",
           # written by `siren-batch nightly` only (partitioned by run_date)
           "nightly", "night_rejects", "arrived_interactions", "arrived_items"]
-CHAIN_STAGES = ["ingest", "embed", "topics", "sketches", "prompts", "calibrate", "score", "evaluate"]
+# The runs before a partition's score run that belong to it; not "score": an earlier score run
+# wrote another partition (the chain's valid scores, an older day).
+CHAIN_STAGES = ["ingest", "embed", "topics", "sketches", "prompts", "calibrate", "evaluate"]
 
 
 def scan(cfg: Config, table: str) -> pl.LazyFrame | None:
@@ -312,9 +314,7 @@ def _runs_of(runs: pl.DataFrame, cfg: Config, run_id: str | None, run_date: str 
         latest = runs.sort("started_at").group_by("stage", maintain_order=True).last().select(runs.columns)
         return latest, "the latest run of each stage (no run wrote this ratings partition)"
     start = scored["started_at"].min()
-    # not "score": an earlier score run wrote another partition (the chain's valid scores, an older day)
-    before = (runs.filter((pl.col("started_at") < start) & pl.col("stage").is_in(CHAIN_STAGES)
-                          & (pl.col("stage") != "score"))
+    before = (runs.filter((pl.col("started_at") < start) & pl.col("stage").is_in(CHAIN_STAGES))
               .sort("started_at").group_by("stage", maintain_order=True).last().select(runs.columns))
     evaluated = runs.filter((pl.col("stage") == "evaluate") & (pl.col("started_at") > start))
     evaluated = evaluated.sort("started_at").tail(1)
