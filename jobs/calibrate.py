@@ -1,4 +1,4 @@
-"""Fit the calibrator on the valid split's scores and store it beside the model.
+"""Fit the calibrator on the valid split's scores and store it in the warehouse.
 
 Run locally:   python jobs/calibrate.py calibrate.run_date=2026-11-01 [key=value ...]   (= make calibrate)
 On a cluster:  spark-submit --py-files dist/siren_batch.zip jobs/calibrate.py --conf conf/cluster.yaml ...

@@ -1,16 +1,19 @@
 """The calibrated columns of the `ratings` table: fit on valid, apply where present.
 
     siren-batch score score.candidates=split:valid score.run_date=2026-11-01   # raw valid scores
-    siren-batch calibrate calibrate.run_date=2026-11-01                         # fit, store beside the model
+    siren-batch calibrate calibrate.run_date=2026-11-01                         # fit, store in the warehouse
     siren-batch score                                                           # applies it: calibrated_* columns
 
 The calibrator (siren_batch.train.calibrate) is stored in `calibrator_dir(cfg)`:
-calibrate.path, else `<adapter or model folder>/calibration/<dataset>/`, else (a hub
-id) `./models/calibration/<model id>/<dataset>/`. It records the prompt settings
-and model it was fit for; applying it to ratings of another model, adapter, prompt
-variant or priors setting fails with one line instead of producing quietly wrong
-numbers. `calibrate.apply_run_date` re-applies it to an already scored partition
-(no second scoring pass).
+calibrate.path, else `<warehouse>/<dataset>/calibrators/<model>[__<adapter>]/`, through
+Hadoop's FileSystem like the tables, so on a cluster the next night's driver finds it
+wherever it runs (the model folder is only on the machines that load the model). It
+records the prompt settings and model it was fit for; applying it to ratings of another
+model, adapter, prompt variant or priors setting fails with one line instead of
+producing quietly wrong numbers. `calibrate.apply_run_date` re-applies it to an already
+scored partition (no second scoring pass). A calibrator that earlier versions left
+beside the model (`<model folder>/calibration/<dataset>/`) is still read, with a
+warning, until one is fit in the warehouse.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,11 +30,12 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from siren_batch import schemas
-from siren_batch.assets import llm_id, models_dir, resolve_llm
+from siren_batch.assets import AssetError, llm_id, models_dir, resolve_llm
 from siren_batch.config import Config, ConfigError
 from siren_batch.features import KEY, candidate_features, split_features
 from siren_batch.prompts import prompt_settings, prompt_template_hash
-from siren_batch.warehouse import read_table, run_record, write_table
+from siren_batch.warehouse import (path_exists, read_bytes, read_table, read_text, run_record, write_bytes,
+                                   write_table, write_text)
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +43,57 @@ CALIBRATED = ["calibrated_rating", "calibrated_median", "calibrated_probs"]
 VALID_RUN_DATE = "1970-01-01"   # score-calibrate's valid scores, when calibrate.run_date is unset
 
 
-def calibrator_dir(cfg: Config) -> Path:
+def calibrator_dir(cfg: Config) -> str:
+    """calibrate.path, else the warehouse folder of this model (and adapter) on this dataset."""
     if cfg.calibrate.path:
-        return Path(cfg.calibrate.path)
-    base = cfg.score.adapter or resolve_llm(cfg.score.model)
+        return cfg.calibrate.path
+    model = llm_id("default") if cfg.score.model == "default" else cfg.score.model
+    key = _slug(model) + (f"__{_slug(cfg.score.adapter)}" if cfg.score.adapter else "")
+    return f"{cfg.table_path('calibrators')}/{key}"
+
+
+def _slug(ref: str) -> str:
+    """A folder name for a model reference: a hub id or a path, each character outside
+    [A-Za-z0-9._-] run turned into '--' (Qwen/Qwen3-4B -> Qwen--Qwen3-4B)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", ref.strip("/")) or "model"
+
+
+def _legacy_dir(cfg: Config) -> Path | None:
+    """Where versions before the warehouse store kept it: beside the model, on the driver's disk."""
+    if cfg.calibrate.path:
+        return None
+    try:
+        base = cfg.score.adapter or resolve_llm(cfg.score.model)
+    except AssetError:   # the default model not prepared: nothing can be stored beside it either
+        return None
     if Path(base).is_dir():
         return Path(base) / "calibration" / cfg.dataset
     return models_dir() / "calibration" / str(base).replace("/", "--") / cfg.dataset
+
+
+def store(spark: SparkSession, calibrator, folder: str) -> str:
+    """Write calibrator.pkl and calibration.json (its meta) into `folder`, local or not."""
+    write_bytes(spark, f"{folder}/calibrator.pkl", pickle.dumps(calibrator))
+    write_text(spark, f"{folder}/calibration.json", json.dumps(calibrator.meta, indent=2, default=str) + "\n")
+    return folder
+
+
+def read_calibrator(spark: SparkSession, folder: str):
+    return pickle.loads(read_bytes(spark, f"{folder}/calibrator.pkl"))
+
+
+def stored_at(spark: SparkSession, cfg: Config) -> str | None:
+    """The folder holding this model's calibrator for this dataset, or None."""
+    folder = calibrator_dir(cfg)
+    if path_exists(spark, f"{folder}/calibrator.pkl"):
+        return folder
+    legacy = _legacy_dir(cfg)
+    if legacy is not None and (legacy / "calibrator.pkl").exists():
+        logger.warning("reading the calibrator at %s, beside the model on this machine's disk; a fit now stores "
+                       "it in the warehouse at %s, which every driver of a cluster reads: run `siren-batch "
+                       "calibrate` once, or copy it there", legacy, folder)
+        return str(legacy)
+    return None
 
 
 def fitted_for(cfg: Config) -> dict[str, Any]:
@@ -53,14 +103,14 @@ def fitted_for(cfg: Config) -> dict[str, Any]:
             "priors": cfg.prompts.priors, "prompt_hash": prompt_template_hash(cfg), "dataset": cfg.dataset}
 
 
-def load_if_present(cfg: Config):
-    """The stored calibrator for this model and dataset, or None; one-line error on a mismatch."""
-    from siren_batch.train.calibrate import Calibrator
-
-    folder = calibrator_dir(cfg)
-    if not cfg.calibrate.enabled or not (folder / "calibrator.pkl").exists():
+def load_if_present(spark: SparkSession, cfg: Config):
+    """The stored calibrator for this model and dataset, or None; one-line error on a mismatch.
+    Its meta's `loaded_from` says where it was read."""
+    folder = stored_at(spark, cfg) if cfg.calibrate.enabled else None
+    if folder is None:
         return None
-    calibrator = Calibrator.load(folder)
+    calibrator = read_calibrator(spark, folder)
+    calibrator.meta["loaded_from"] = folder
     want, got = fitted_for(cfg), calibrator.meta.get("fitted_for", {})
     diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
     if diff:
@@ -204,7 +254,7 @@ def score_and_calibrate(spark: SparkSession, cfg: Config) -> dict:
 
 
 def calibrate(spark: SparkSession, cfg: Config) -> dict:
-    """The stage: fit on valid, store beside the model, optionally re-apply to a partition."""
+    """The stage: fit on valid, store in the warehouse, optionally re-apply to a partition."""
     from siren_batch.train.calibrate import fit_calibrator
 
     with run_record(spark, cfg, "calibrate") as rec:
@@ -214,24 +264,25 @@ def calibrate(spark: SparkSession, cfg: Config) -> dict:
         calibrator.meta.update({"fitted_for": fitted_for(cfg), "als_params": list(als_params),
                                 "valid_run_date": run_date, "config_hash": cfg.hash(),
                                 "warehouse": cfg.warehouse, "sample_users": cfg.data.sample_users})
-        _say_what_is_replaced(calibrator_dir(cfg), calibrator.meta)
-        folder = calibrator.save(calibrator_dir(cfg))
-        summary = {"calibrator": str(folder), "rows": len(frame), "valid": calibrator.meta}
+        _say_what_is_replaced(spark, calibrator_dir(cfg), calibrator.meta)
+        folder = store(spark, calibrator, calibrator_dir(cfg))
+        summary = {"calibrator": folder, "rows": len(frame), "valid": calibrator.meta}
         if cfg.calibrate.apply_run_date:
             summary["applied"] = _reapply(spark, cfg, calibrator, cfg.calibrate.apply_run_date)
         rec.output_rows = summary.get("applied", 0)
     return summary
 
 
-def _say_what_is_replaced(folder: Path, new: dict) -> None:
+def _say_what_is_replaced(spark: SparkSession, folder: str, new: dict) -> None:
     """One calibrator per model and dataset: the last fit wins. Say so when a fit on fewer rows,
-    or on another warehouse, replaces one (a demo's 100 rows over a full run's)."""
-    path = folder / "calibration.json"
-    if not path.exists():
+    or on another warehouse (one calibrate.path shared by two), replaces one (a demo's 100 rows
+    over a full run's)."""
+    path = f"{folder}/calibration.json"
+    if not path_exists(spark, path):
         return
     try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
+        old = json.loads(read_text(spark, path))
+    except ValueError:
         return
     if old.get("rows", 0) > new["rows"] or old.get("warehouse", new["warehouse"]) != new["warehouse"]:
         logger.warning("replacing the calibrator at %s, fit on %s valid rows of %s, with one fit on %d rows of %s "

@@ -288,7 +288,7 @@ class CalibrateConfig:
     max_rows: int | None = None       # fit on at most this many valid rows (a hashed sample); None = all
     chain_rows: int | None = 1000     # score-calibrate scores at most this many valid pairs (a hashed
                                       # sample; score.limit's when fewer); None = every valid pair
-    path: str | None = None           # where the calibrator lives; None = beside the model (calibration/<dataset>)
+    path: str | None = None           # where the calibrator lives; None = <warehouse>/<dataset>/calibrators/<model>
     seed: int = 42
 
     def __post_init__(self) -> None:

@@ -106,7 +106,7 @@ def score_run(spark: SparkSession, cfg: Config) -> dict:
     from siren_batch.calibration import load_if_present
 
     run_date = cfg.score.run_date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    load_if_present(cfg)  # a calibrator fit for other settings fails here, not after the scoring
+    load_if_present(spark, cfg)  # a calibrator fit for other settings fails here, not after the scoring
     training = training_meta(cfg)
     check_prompts_match_training(cfg, training)
     trained_prefill = training.get("think_prefill")
@@ -202,7 +202,7 @@ def _check_staging(spark: SparkSession, staging: str, cfg: Config, inputs: str) 
 
 def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: str,
             template_hash: str, run_id: str, training: dict, expected: int) -> dict:
-    from siren_batch.calibration import CALIBRATED, apply_calibrator, calibrator_dir, load_if_present
+    from siren_batch.calibration import CALIBRATED, apply_calibrator, load_if_present
 
     chunks = f"{staging}/chunks" if list_dir(spark, f"{staging}/chunks") else None
     staged = (parquet_rows(spark, chunks) if chunks else 0) + bad_pairs.count()
@@ -222,13 +222,13 @@ def _finish(spark, cfg: Config, staging: str, bad_pairs: DataFrame, run_date: st
     if training.get("target") == "residual":
         logger.info("residual model: adding the user+item bias prediction back to its ratings")
         out = add_base_back(spark, cfg, out, training)
-    calibrator = load_if_present(cfg)
+    calibrator = load_if_present(spark, cfg)
     if calibrator is not None and cfg.score.candidates == "split:valid":
         logger.info("calibrator at %s not applied: it was fit on the valid split these pairs come from, so "
-                    "its columns would be in-sample", calibrator_dir(cfg))
+                    "its columns would be in-sample", calibrator.meta["loaded_from"])
         calibrator = None
     if calibrator is not None:
-        logger.info("applying the calibrator stored at %s", calibrator_dir(cfg))
+        logger.info("applying the calibrator stored at %s", calibrator.meta["loaded_from"])
         out = apply_calibrator(spark, cfg, out, calibrator)
     else:
         out = out.withColumns({c: F.lit(None).cast(schemas.RATINGS[c].dataType) for c in CALIBRATED})

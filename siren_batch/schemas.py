@@ -127,7 +127,7 @@ RATINGS = T.StructType([
     T.StructField("prompt_template_hash", T.StringType(), False),
     T.StructField("run_id", T.StringType(), False),
     T.StructField("error", T.StringType(), True),           # null when scored; else a one-line reason
-    # Filled when a calibrator is stored beside the model (siren_batch.calibration); else null.
+    # Filled when a calibrator is stored for the model (siren_batch.calibration); else null.
     T.StructField("calibrated_rating", T.DoubleType(), True),   # point estimate (ridge; RMSE-optimal)
     T.StructField("calibrated_median", T.DoubleType(), True),   # median of calibrated_probs (MAE-optimal)
     T.StructField("calibrated_probs", T.ArrayType(T.DoubleType(), False), True),

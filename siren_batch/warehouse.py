@@ -136,6 +136,16 @@ def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
         raise OSError(f"could not rename {tmp} to {path}")
 
 
+def read_bytes(spark: SparkSession, path: str) -> bytes:
+    """Read a small file whole through the FileSystem API (write_bytes' counterpart). Py4J
+    hands a Java byte[] back by value, so the stream is copied into one on the JVM side."""
+    fs, hpath = _fs_path(spark, path)
+    jvm = spark.sparkContext._jvm
+    out = jvm.java.io.ByteArrayOutputStream()
+    jvm.org.apache.hadoop.io.IOUtils.copyBytes(fs.open(hpath), out, 1 << 16, True)   # True: closes both
+    return bytes(out.toByteArray())
+
+
 def read_text(spark: SparkSession, path: str) -> str:
     """Read a small text file through the FileSystem API (Hadoop input formats
     skip names starting with '_', like our markers)."""

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from siren_batch.train.calibrate import Calibrator, feature_matrix, fit_calibrator
+from siren_batch.train.calibrate import feature_matrix, fit_calibrator
 
 
 def _frame(n: int, seed: int = 0, llm_signal: float = 1.5) -> pd.DataFrame:
@@ -56,14 +56,43 @@ def test_a_scale_point_absent_from_valid_keeps_probability_zero():
     assert np.all(probs[:, 0] == 0.0) and np.allclose(probs.sum(1), 1.0)
 
 
-def test_save_load_round_trip(tmp_path):
+def test_the_calibrator_lives_in_the_warehouse_and_round_trips(spark, tmp_path, caplog, monkeypatch):
+    """Stored through Hadoop's FileSystem under <warehouse>/<dataset>/calibrators/<model>, so the
+    next night's driver finds it on whichever node it runs (a file:// URI stands in for hdfs://);
+    one left beside the model by earlier versions is still read, with a warning."""
+    from siren_batch.calibration import calibrator_dir, fitted_for, load_if_present, store
+    from siren_batch.config import load_config
+
+    monkeypatch.setenv("SIREN_MODELS_DIR", str(tmp_path / "models"))
+    (tmp_path / "models" / "smollm2-135m-instruct").mkdir(parents=True)
+    (tmp_path / "models" / "smollm2-135m-instruct" / "config.json").write_text("{}")
+    warehouse = f"file://{tmp_path}/wh"
+    cfg = load_config(overrides=[f"warehouse={warehouse}"])
+    assert calibrator_dir(cfg) == f"{warehouse}/ml-100k/calibrators/smollm2-135m-instruct"
+    hub = load_config(overrides=[f"warehouse={warehouse}", "score.model=Qwen/Qwen3-4B", "score.adapter=/m/kv lora"])
+    assert calibrator_dir(hub).endswith("/ml-100k/calibrators/Qwen--Qwen3-4B__m--kv--lora")
+    assert load_if_present(spark, cfg) is None
     cal = fit_calibrator(_frame(200), ["llm", "counts"], folds=2)
-    cal.meta["fitted_for"] = {"model": "m"}
-    again = Calibrator.load(cal.save(tmp_path / "cal"))
+    cal.meta["fitted_for"] = fitted_for(cfg)
+    store(spark, cal, calibrator_dir(cfg))
+    stored = tmp_path / "wh" / "ml-100k" / "calibrators" / "smollm2-135m-instruct"
+    assert sorted(p.name for p in stored.iterdir() if not p.name.startswith(".")) == ["calibration.json",
+                                                                                      "calibrator.pkl"]
+    assert (stored / "calibration.json").read_text().count('"fitted_for"') == 1
+    again = load_if_present(spark, cfg)
+    assert again.meta["loaded_from"] == calibrator_dir(cfg)
     test = _frame(30, seed=3)
     for a, b in zip(cal.predict(test), again.predict(test)):
         np.testing.assert_array_equal(a, b)
-    assert (tmp_path / "cal" / "calibration.json").read_text().count('"fitted_for"') == 1
+    # Earlier versions' place, beside the model: read with a warning while the warehouse has none.
+    elsewhere = load_config(overrides=[f"warehouse={tmp_path / 'other'}"])
+    legacy = tmp_path / "models" / "smollm2-135m-instruct" / "calibration" / "ml-100k"
+    assert load_if_present(spark, elsewhere) is None
+    store(spark, cal, str(legacy))
+    caplog.clear()
+    assert load_if_present(spark, elsewhere).meta["loaded_from"] == str(legacy)
+    assert "beside the model on this machine's disk" in caplog.text and calibrator_dir(elsewhere) in caplog.text
+    assert load_if_present(spark, cfg).meta["loaded_from"] == calibrator_dir(cfg)   # the warehouse's wins
 
 
 def test_bad_inputs_fail_with_a_reason():
@@ -197,12 +226,12 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
     _ratings(spark, cfg, rows, "valid", "2026-01-03")   # the valid pairs again, in another run
     elsewhere = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, candidates="split:test"))
     with pytest.raises(ValueError, match="40 of its 40 pairs are not among score.candidates=split:test"):
-        _reapply(spark, elsewhere, load_if_present(cfg), "2026-01-03")
+        _reapply(spark, elsewhere, load_if_present(spark, cfg), "2026-01-03")
     # ... or to the valid pairs it was fit on: calibrated columns there would be in-sample
     in_sample = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, candidates="split:valid"))
     for run_cfg, run_date in ((in_sample, "2026-01-02"), (cfg, "2026-01-01")):
         with pytest.raises(ValueError, match="calibrated columns there would be in-sample"):
-            _reapply(spark, run_cfg, load_if_present(cfg), run_date)
+            _reapply(spark, run_cfg, load_if_present(spark, cfg), run_date)
     # Asked to apply it to the valid run itself: refused before anything is fit or stored.
     early = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal6'}",
                                    "calibrate.run_date=2026-01-01", "calibrate.apply_run_date=2026-01-01"])
@@ -218,9 +247,9 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
     other = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal'}",
                                    "prompts.priors=true"])
     with pytest.raises(ValueError, match="was fit for other settings .*priors"):
-        load_if_present(other)
-    assert load_if_present(load_config(overrides=[f"calibrate.path={tmp_path / 'cal'}",
-                                                  "calibrate.enabled=false"])) is None
+        load_if_present(spark, other)
+    assert load_if_present(spark, load_config(overrides=[f"calibrate.path={tmp_path / 'cal'}",
+                                                         "calibrate.enabled=false"])) is None
     wrong = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal2'}",
                                    "calibrate.run_date=2026-01-02", "calibrate.folds=2"])
     with pytest.raises(ValueError, match="only 0 of its 39 scored rows are valid pairs: score split:valid first"):
@@ -231,7 +260,7 @@ def test_calibrate_stage_fits_on_valid_and_fills_the_test_partition(spark, tmp_p
                                          r"\('smollm2-135m-instruct', '.*adapter'\)"):
         calibrate(spark, other_adapter)
     with pytest.raises(ValueError, match="were scored by"):                  # re-applying checks it too
-        _reapply(spark, other_adapter, load_if_present(cfg), "2026-01-02")
+        _reapply(spark, other_adapter, load_if_present(spark, cfg), "2026-01-02")
     # a sample of the valid pairs, smaller than half of them
     sampled = load_config(overrides=[f"warehouse={tmp_path / 'wh'}", f"calibrate.path={tmp_path / 'cal4'}",
                                      "calibrate.run_date=2026-01-01", "calibrate.max_rows=12", "calibrate.folds=2",
@@ -288,17 +317,17 @@ def test_score_calibrate_scores_valid_then_fits_and_all_runs_it_before_score(spa
                                    for r in test)
 
 
-def test_a_fit_says_when_it_replaces_a_larger_one_or_another_warehouses(tmp_path, caplog):
+def test_a_fit_says_when_it_replaces_a_larger_one_or_another_warehouses(spark, tmp_path, caplog):
     import json
 
     from siren_batch.calibration import _say_what_is_replaced
 
-    _say_what_is_replaced(tmp_path, {"rows": 100, "warehouse": "/wh"})          # nothing stored: nothing said
+    _say_what_is_replaced(spark, str(tmp_path), {"rows": 100, "warehouse": "/wh"})          # nothing stored: nothing said
     (tmp_path / "calibration.json").write_text(json.dumps({"rows": 943, "warehouse": "/wh"}))
     for new, said in (({"rows": 943, "warehouse": "/wh"}, False), ({"rows": 2000, "warehouse": "/wh"}, False),
                       ({"rows": 100, "warehouse": "/wh"}, True), ({"rows": 943, "warehouse": "/demo"}, True)):
         caplog.clear()
-        _say_what_is_replaced(tmp_path, new)
+        _say_what_is_replaced(spark, str(tmp_path), new)
         assert ("fit on 943 valid rows of /wh" in caplog.text) is said, new
 
 

@@ -4,7 +4,7 @@ baselines' predictions and the as-of counts, to a final distribution and point e
     calibrator = fit_calibrator(valid_frame, ["llm", "baselines", "counts"])
     probs, rating, median = calibrator.predict(test_frame)
 
-Fit on the valid split only (`make calibrate`), stored beside the model, applied by
+Fit on the valid split only (`make calibrate`), stored in the warehouse, applied by
 the score stage when present (siren_batch.calibration holds the Spark edge). Two
 scikit-learn models share one feature matrix:
 - the distribution: multinomial logistic regression over the scale points, its
@@ -24,12 +24,8 @@ Feature groups (frame columns -> features):
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -94,18 +90,6 @@ class Calibrator:
         """(probs over the whole scale (n, 5), point estimate (n,), median (n,))."""
         x, _ = feature_matrix(frame, self.groups)
         return _predict(self.distribution, self.point, self.classes, x)
-
-    def save(self, folder: Path) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"calibrator.pkl.{uuid.uuid4().hex[:8]}.tmp"   # two fits at once: neither reads half of one
-        tmp.write_bytes(pickle.dumps(self))
-        tmp.replace(folder / "calibrator.pkl")
-        (folder / "calibration.json").write_text(json.dumps(self.meta, indent=2, default=str) + "\n")
-        return folder
-
-    @staticmethod
-    def load(folder: Path) -> "Calibrator":
-        return pickle.loads((Path(folder) / "calibrator.pkl").read_bytes())
 
 
 def _predict(distribution, point, classes: list[float], x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

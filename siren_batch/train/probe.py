@@ -6,8 +6,8 @@ predictions and the as-of counts; the same scikit-learn pair as calibration
 (siren_batch.train.calibrate: a multinomial distribution and a ridge point
 estimate) is fit on the valid split and scores the test split. The result is a
 `ratings` partition like any scorer's (model_id `probe:<model>`), so `evaluate`
-judges it beside the LLM and the baselines; the fitted probe is stored beside the
-model (calibration/<dataset>/probe/).
+judges it beside the LLM and the baselines; the fitted probe is stored in the
+calibrator's folder (siren_batch.calibration.calibrator_dir), under probe/.
 
 Runs on the driver: the valid sample (probe.valid_rows) and the split it scores
 are collected there, which suits evaluation splits (thousands of pairs), not a
@@ -93,7 +93,7 @@ def _ratings(frame, probe, cfg: Config, model_id: str, run_id: str, run_date: st
 def train_probe(spark: SparkSession, cfg: Config) -> dict:
     """Fit the probe on valid, score probe.split into ratings/run_date=probe.run_date."""
     from siren_batch.backends.transformers_backend import TransformersBackend
-    from siren_batch.calibration import calibrator_dir
+    from siren_batch.calibration import calibrator_dir, store
     from siren_batch.train.calibrate import fit_calibrator
 
     pc = cfg.probe
@@ -104,11 +104,11 @@ def train_probe(spark: SparkSession, cfg: Config) -> dict:
         fit_rows = valid[valid["error"].isna()]
         probe = fit_calibrator(fit_rows, ["hidden", *pc.features], cfg.calibrate.folds, cfg.calibrate.seed)
         probe.meta.update({"layers": layers, "als_params": list(als_params), "model": backend.model_id})
-        folder = probe.save(calibrator_dir(cfg) / "probe")
+        folder = store(spark, probe, f"{calibrator_dir(cfg)}/probe")
         scored, _ = _frame(spark, cfg, pc.split, None, backend, layers, als_params)
         pdf = _ratings(scored, probe, cfg, f"probe:{backend.model_id}", rec.run_id, pc.run_date)
         out = spark.createDataFrame(pdf, schemas.RATINGS)
         rec.input_rows = len(valid) + len(scored)
         rec.output_rows = write_table(out, cfg, "ratings", schemas.RATINGS, partition_by=["run_date"])
-    return {"probe": str(folder), "valid_rows": len(fit_rows), "scored": rec.output_rows, "run_date": pc.run_date,
+    return {"probe": folder, "valid_rows": len(fit_rows), "scored": rec.output_rows, "run_date": pc.run_date,
             "layers": layers, "valid": probe.meta["out_of_fold"]}
