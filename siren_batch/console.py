@@ -121,7 +121,7 @@ class ConsoleHandler(logging.Handler):
         self.verbose = verbose
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.shown = False           # a live line is on the terminal
-        self.counts: dict = {}       # stage -> (in, out, rejected), from its run record
+        self.counts: dict = {}       # run record stage -> (in, out, rejected), since the stage started
         self.stage = ""              # the running stage, named in front of progress lines
         self.run_stage = ""          # its name in the run records ("nightly-ingest" for a night's step)
         self.setFormatter(logging.Formatter(FILE_FORMAT))
@@ -162,10 +162,10 @@ class ConsoleHandler(logging.Handler):
         if record.name == "siren_batch" and msg.startswith("stage %s: start") and args:
             self._start(args[0], record=args[0])
         elif record.name == "siren_batch" and msg.startswith("stage %s: done") and len(args) >= 2:
-            self._done(args[0], float(args[1]), self.counts.pop(args[0], None))
+            self._done(args[0], float(args[1]), self._stage_counts(args[0]))
         elif record.name == "siren_batch.warehouse" and msg.startswith("run %s %s:") and len(args) >= 7:
             if args[0] == self.run_stage and args[0].startswith("nightly-"):   # a night's step ends here
-                self._done(self.stage, float(args[3]), tuple(args[4:7]), status=args[2])
+                self._done(self.stage, float(args[3]), _counts(tuple(args[4:7])), status=args[2])
             else:
                 self.counts[args[0]] = tuple(args[4:7])
         elif record.name == "siren_batch.nightly" and msg.startswith("nightly %s %s: start") and len(args) >= 2:
@@ -182,14 +182,22 @@ class ConsoleHandler(logging.Handler):
             self.line(f"{record.levelname}: {record.getMessage()}{where}")
 
     def _start(self, stage: str, record: str) -> None:
-        self.counts.pop(record, None)
+        self.counts = {}
         self.stage, self.run_stage = stage, record
         self.live("") if self.tty else self.line(f"{stage} ...")
 
-    def _done(self, stage: str, seconds: float, counts, status: str = "ok") -> None:
+    def _stage_counts(self, stage: str) -> str:
+        """The stage's own run record's counts; a stage made of others (score-calibrate runs
+        score, then calibrate) shows each of theirs: ': score 1,000 in, 1,000 out; calibrate ...'."""
+        if stage in self.counts:
+            return _counts(self.counts[stage])
+        parts = [f"{name} {_counts(c).removeprefix(': ')}" for name, c in self.counts.items()]
+        return f": {'; '.join(parts)}" if parts else ""
+
+    def _done(self, stage: str, seconds: float, counts: str, status: str = "ok") -> None:
         self.stage = self.run_stage = ""
         ended = "done in" if status == "ok" else f"{status} after"
-        self.line(f"{stage} {ended} {seconds:.1f} s{_counts(counts)}")
+        self.line(f"{stage} {ended} {seconds:.1f} s{counts}")
 
 
 def _counts(counts) -> str:

@@ -73,6 +73,22 @@ def test_a_stage_is_one_line_on_a_terminal_and_two_elsewhere():
     assert "ingest ..." in tty.getvalue()
 
 
+def test_a_stage_made_of_others_shows_each_ones_counts():
+    """score-calibrate writes a score run record, then a calibrate one; neither is its own name."""
+    out = io.StringIO()
+    handler = ConsoleHandler(out)
+    run = "run %s %s: %s in %.1fs (in=%d out=%d rejected=%d)"
+    for rec in (record("siren_batch", "stage %s: start (dataset=%s, config %s)", "score-calibrate", "d", "abc"),
+                record("siren_batch.warehouse", run, "score", "r1", "ok", 9.0, 1000, 1000, 0),
+                record("siren_batch.warehouse", run, "calibrate", "r2", "ok", 2.0, 997, 0, 0),
+                record("siren_batch", "stage %s: done in %.1fs", "score-calibrate", 11.5),
+                *stage_records("score")):   # the next stage shows only its own record's counts
+        handler.handle(rec)
+    assert out.getvalue().splitlines() == [
+        "score-calibrate ...", "score-calibrate done in 11.5 s: score 1,000 in, 1,000 out; calibrate 997 in, 0 out",
+        "score ...", "score done in 12.3 s: 100,000 in, 99,287 out, 713 rejected"]
+
+
 def test_progress_redraws_in_place_on_a_terminal(monkeypatch):
     tty = Tty()
     handler = ConsoleHandler(tty)
