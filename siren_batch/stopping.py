@@ -30,6 +30,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 CANCEL_EVERY_S = 0.1   # a job shorter than this may still finish; a longer one is cancelled
 
 
+def exit_code(signum: int) -> int:
+    """The status a shell reports for a process a signal stopped: 128 + its number."""
+    return 128 + signum
+
+
 class Stopped(Exception):
     """The run was stopped by a signal; `code` is the exit status to report."""
 
@@ -40,7 +45,7 @@ class Stopped(Exception):
 
     @property
     def code(self) -> int:
-        return 128 + self.signum
+        return exit_code(self.signum)
 
 
 def in_py4j_call(frame) -> bool:
@@ -74,7 +79,7 @@ class Watch:
     def check(self, *_) -> None:
         """Raise SystemExit (128 + the signal) when a signal came; else nothing."""
         if self.signum is not None:
-            raise SystemExit(128 + self.signum)
+            raise SystemExit(exit_code(self.signum))
 
 
 @contextmanager
@@ -98,7 +103,7 @@ def on_signals(spark, signals=SIGNALS):
         logger.warning("%s: stopping: cancelling the running Spark jobs", name)
         canceller.start()
         if not in_py4j_call(frame):
-            raise SystemExit(128 + signum)
+            raise SystemExit(exit_code(signum))
 
     previous = {s: signal.signal(s, handle) for s in signals}
     try:
