@@ -111,12 +111,33 @@ def load_if_present(spark: SparkSession, cfg: Config):
         return None
     calibrator = read_calibrator(spark, folder)
     calibrator.meta["loaded_from"] = folder
-    want, got = fitted_for(cfg), calibrator.meta.get("fitted_for", {})
-    diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    diff = _mismatch(cfg, calibrator)
     if diff:
         raise ValueError(f"calibrator at {folder} was fit for other settings {diff} (stored, now); refit it "
                          f"with `siren-batch calibrate` or set calibrate.enabled=false")
     return calibrator
+
+
+def _mismatch(cfg: Config, calibrator) -> dict[str, tuple]:
+    """{setting: (fit for, now)} for each setting of fitted_for that differs."""
+    want, got = fitted_for(cfg), calibrator.meta.get("fitted_for", {})
+    return {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+
+
+def why_fit(spark: SparkSession, cfg: Config) -> str | None:
+    """Why the calibrator folder needs a fit for cfg's model and prompts, or None when it
+    holds one (the nightly calibrate step fits when this says so; one only beside the model,
+    where earlier versions kept it, counts as none)."""
+    folder = calibrator_dir(cfg)
+    if not path_exists(spark, f"{folder}/calibrator.pkl"):
+        return f"no calibrator stored at {folder}"
+    diff = _mismatch(cfg, read_calibrator(spark, folder))
+    return f"the calibrator at {folder} was fit for other settings {diff} (stored, now)" if diff else None
+
+
+def valid_run_date(cfg: Config) -> str:
+    """The ratings partition score-calibrate scores the valid split into: not a night's."""
+    return cfg.calibrate.run_date or VALID_RUN_DATE
 
 
 def _features(spark: SparkSession, cfg: Config, pairs: DataFrame, als_params) -> tuple[DataFrame, Any]:
@@ -217,7 +238,7 @@ def score_valid(spark: SparkSession, cfg: Config) -> tuple[Config, dict]:
     to fit with (its calibrate.run_date names that partition) and the score stage's summary."""
     from siren_batch.ratings import score_run
 
-    run_date = cfg.calibrate.run_date or VALID_RUN_DATE
+    run_date = valid_run_date(cfg)
     limits = [n for n in (cfg.calibrate.chain_rows, cfg.score.limit) if n]
     # The stored calibrator is not applied there (valid columns would be in-sample) nor checked:
     # it is the one about to be replaced.

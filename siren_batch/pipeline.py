@@ -80,7 +80,7 @@ def topics(spark: SparkSession, cfg: Config) -> dict:
     return {"items": rec.output_rows, "topics": len(names), "names": names}
 
 
-def _sketch_inputs(spark: SparkSession, cfg: Config) -> tuple[DataFrame, ...]:
+def sketch_inputs(spark: SparkSession, cfg: Config) -> tuple[DataFrame, ...]:
     return (read_table(spark, cfg, "interactions", schemas.INTERACTIONS),
             read_table(spark, cfg, "items", schemas.ITEMS),
             read_table(spark, cfg, "item_topics", schemas.ITEM_TOPICS),
@@ -94,7 +94,7 @@ def sketches(spark: SparkSession, cfg: Config) -> dict:
 
     with run_record(spark, cfg, "sketches") as rec:
         rec.reads, rec.writes = ["interactions", "items", "item_topics", "topics"], ["example_sketches", "sketches"]
-        interactions, items, item_topics, topic_df = _sketch_inputs(spark, cfg)
+        interactions, items, item_topics, topic_df = sketch_inputs(spark, cfg)
         rec.input_rows = interactions.count()
         examples = example_sketches(interactions, items, item_topics, topic_df, cfg.sketches)
         n_examples = write_table(examples, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)

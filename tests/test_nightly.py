@@ -159,6 +159,44 @@ def test_night_two_evaluates_night_ones_ratings_against_the_arrived_truth(nights
     assert mae.loc[llm_system, "value"] == pytest.approx(expected, abs=1e-9)
 
 
+def test_a_night_fits_the_calibrator_when_none_is_stored_and_applies_it(spark, nights, long_tiny_model):
+    """Night 2 on a copy of night 1's warehouse, calibration on: with no calibrator stored the
+    calibrate step sketches and scores the valid split and fits one in the warehouse; the
+    score step fills the calibrated columns; evaluate never reads the valid partition (night
+    1's ratings are removed, so that partition is the only earlier one)."""
+    from siren_batch.calibration import VALID_RUN_DATE, calibrator_dir, why_fit
+    from siren_batch.nightly.serve import calibrate_step
+
+    root = nights["root"]
+    wh = root / "calibrated"
+    shutil.copytree(root / "after-night1", wh)
+    shutil.rmtree(wh / "ml-100k" / "ratings" / f"run_date={NIGHT1}")
+    cfg = load_config(overrides=[*_overrides(wh, root / "arrivals", root / "candidates.parquet", long_tiny_model),
+                                 "calibrate.enabled=true", "calibrate.chain_rows=40", "calibrate.folds=2",
+                                 "evaluate.als_ranks=[2]", "evaluate.als_reg_params=[0.1]", "evaluate.als_max_iter=3"])
+    assert not (wh / "ml-100k" / "example_sketches").exists()   # nights build serving sketches only
+    two = nightly.run_night(spark, cfg, NIGHT2)
+    fit = two["calibrate"]
+    assert fit["reason"].startswith("no calibrator stored at") and fit["calibrator"] == calibrator_dir(cfg)
+    valid = (_read(wh, "interactions").split == "valid").sum()
+    assert fit["valid_sketches"] == valid > 40 and fit["valid_scored"]["rows"] == 40 and fit["rows"] == 40
+    assert (_read(wh, "example_sketches").split == "valid").all()
+    assert (Path(calibrator_dir(cfg)) / "calibrator.pkl").exists()
+    ratings = pd.read_parquet(wh / "ml-100k" / "ratings")
+    ratings["run_date"] = ratings.run_date.astype(str)
+    assert set(ratings.run_date) == {VALID_RUN_DATE, NIGHT2}
+    assert (ratings.run_date == VALID_RUN_DATE).sum() == 40
+    tonight = ratings[ratings.run_date == NIGHT2]
+    assert len(tonight) == len(nights["cands"]) and tonight.calibrated_rating.between(1, 5).all()
+    assert two["evaluate"]["skipped"] == "no earlier ratings"
+    # Stored for these settings: later nights keep it; a prompt setting changed: the next night refits.
+    assert calibrate_step(spark, cfg, None, None) == {"kept": calibrator_dir(cfg)}
+    priors = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, priors=True))
+    assert "was fit for other settings {'priors': (False, True)" in why_fit(spark, priors)
+    off = dataclasses.replace(cfg, calibrate=dataclasses.replace(cfg.calibrate, in_chain=False))
+    assert calibrate_step(spark, off, None, None) == {"skipped": "calibrate.in_chain=false"}
+
+
 def test_rerunning_a_night_changes_nothing(spark, nights):
     before = {t: _read(nights["wh"], t) for t in TABLES}
     again = nightly.run_night(spark, nights["cfg"], NIGHT2)

@@ -1,6 +1,6 @@
 """`siren-batch nightly --run-date D`: one night, with work in proportion to what changed.
 
-    ingest -> embed -> topics -> sketches -> score -> evaluate -> report
+    ingest -> embed -> topics -> sketches -> calibrate -> score -> evaluate -> report
 
 A night reads the folder `nightly.arrivals` (with "{run_date}" replaced): the
 interactions that arrived that day (`interactions.<data.format>`, a file or a
@@ -21,6 +21,10 @@ siren_batch/arrivals.py cuts any dataset into such folders by day.
 - Every night keeps what arrived in `arrived_interactions` / `arrived_items` and
   its rejects in `night_rejects` (all partitioned by run_date): later steps read
   those partitions, so each step can run again and give the same tables.
+- Calibrate: when the warehouse holds no calibrator for score.model, score.adapter and
+  the prompt settings (the first night, or the first after one of them changed), score
+  the valid split (at most calibrate.chain_rows pairs) and fit one, as `siren-batch all`
+  does; every later night's score step applies it (calibrate.in_chain=false skips it).
 - Candidates (nightly.candidates): `newest:N` = every user active in the last
   nightly.active_days x the N newest items they have not rated; or a Parquet path.
 - Evaluate: the previous night's ratings against the truth that arrived tonight,
@@ -50,13 +54,13 @@ from siren_batch.config import Config, ConfigError
 from siren_batch.nightly.ingest import ingest_step
 from siren_batch.nightly.night import Night, check_run_date, day_end_ms, state_dir
 from siren_batch.nightly.refresh import embed_step, sketches_step, topics_step
-from siren_batch.nightly.serve import evaluate_step, report_step, score_step
+from siren_batch.nightly.serve import calibrate_step, evaluate_step, report_step, score_step
 from siren_batch.warehouse import (delete_path, list_dir, path_exists, read_text, run_record, sweep_staging,
                                    table_exists, write_text)
 
 logger = logging.getLogger(__name__)
 
-STEPS = ["ingest", "embed", "topics", "sketches", "score", "evaluate", "report"]
+STEPS = ["ingest", "embed", "topics", "sketches", "calibrate", "score", "evaluate", "report"]
 __all__ = ["STEPS", "Night", "check_run_date", "completed_nights", "day_end_ms", "run_night", "state_dir"]
 
 
@@ -141,5 +145,6 @@ def run_night(spark: SparkSession, cfg: Config, run_date: str, *, redo: bool = F
     return out
 
 
-STEP_FUNCS = {"ingest": ingest_step, "embed": embed_step, "topics": topics_step, "score": score_step,
+STEP_FUNCS = {"ingest": ingest_step, "embed": embed_step, "topics": topics_step, "calibrate": calibrate_step,
+              "score": score_step,
               "evaluate": evaluate_step, "report": report_step}

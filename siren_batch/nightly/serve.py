@@ -1,4 +1,4 @@
-"""The night's score, evaluate and report steps (siren_batch.nightly)."""
+"""The night's calibrate, score, evaluate and report steps (siren_batch.nightly)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from siren_batch import schemas
 from siren_batch.config import Config
 from siren_batch.nightly.night import (ARRIVED_INTERACTIONS, ARRIVED_ITEMS, DAY_MS, Night, _partition,
                                        day_end_ms, state_dir)
-from siren_batch.warehouse import RunRecord, on_local_disk, read_table, table_exists
+from siren_batch.warehouse import RunRecord, on_local_disk, read_table, table_exists, write_table
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,53 @@ def newest_candidates(interactions: DataFrame, arrived_items: DataFrame, items: 
               .select("user_id").distinct())
     return (active.crossJoin(F.broadcast(newest))
             .join(interactions.select("user_id", "item_id"), on=["user_id", "item_id"], how="left_anti"))
+
+
+def calibrate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -> dict:
+    """Fit the calibrator the score step applies, when the warehouse has none for this model and
+    these prompts: on the first night, and on the first after score.model, score.adapter or a
+    prompt setting changed. It sketches the valid split (the bootstrap's leave-last-out one, as of
+    strictly before each pair), scores it and fits (calibration.score_and_calibrate). Every other
+    night keeps the stored calibrator: nights never refit it."""
+    from siren_batch.calibration import calibrator_dir, score_and_calibrate, why_fit
+
+    off = ("calibrate.enabled=false" if not cfg.calibrate.enabled else
+           "calibrate.in_chain=false" if not cfg.calibrate.in_chain else
+           "score.mode=cot has no rating distribution to calibrate" if cfg.score.mode == "cot" else
+           "nightly.candidates=none" if cfg.nightly.candidates == "none" else None)
+    if off:
+        return {"skipped": off}
+    reason = why_fit(spark, cfg)
+    if reason is None:
+        return {"kept": calibrator_dir(cfg)}
+    logger.info("nightly %s calibrate: %s: fitting one on the valid split", night.run_date, reason)
+    rec.reads = ["interactions", "items", "item_topics", "topics"]
+    rec.writes = ["example_sketches", "ratings", "calibrators"]
+    rec.input_rows = _valid_sketches(spark, cfg)
+    summary = score_and_calibrate(spark, cfg)
+    rec.output_rows = summary["valid_scored"]["rows"]
+    return {"reason": reason, "valid_sketches": rec.input_rows, **summary}
+
+
+def _valid_sketches(spark: SparkSession, cfg: Config) -> int:
+    """The valid split's example sketches, which score-calibrate reads (nights build serving
+    sketches only). Kept when `example_sketches` holds valid rows already: each is as of
+    strictly before its pair, which later nights' arrivals do not change. Otherwise added
+    beside the rows of its other splits (a `siren-batch sketches` run's training rows stay)."""
+    from siren_batch.pipeline import sketch_inputs
+    from siren_batch.sketches import example_sketches
+
+    valid_only = dataclasses.replace(cfg.sketches, example_splits=["valid"])
+    fresh = example_sketches(*sketch_inputs(spark, cfg), valid_only)
+    stored_rows = 0
+    if table_exists(spark, cfg, "example_sketches"):
+        stored = read_table(spark, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)
+        have = stored.where(F.col("split") == "valid").count()
+        if have:
+            return have
+        stored_rows = stored.count()
+        fresh = stored.unionByName(fresh)
+    return write_table(fresh, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES) - stored_rows
 
 
 def score_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -> dict:
@@ -60,8 +107,10 @@ def score_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -
 
 
 def evaluate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -> dict:
-    """The newest earlier ratings partition against tonight's arrivals for its pairs."""
+    """The newest earlier night's ratings partition against tonight's arrivals for its pairs
+    (not the calibrate step's valid scores)."""
     from siren_batch.baselines import baseline_predictions
+    from siren_batch.calibration import valid_run_date
     from siren_batch.evaluate import evaluate_systems, llm_systems
     from siren_batch.pipeline import replace_evaluation
 
@@ -69,7 +118,8 @@ def evaluate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
     if not table_exists(spark, cfg, "ratings"):
         return {"skipped": "no ratings yet"}
     ratings = read_table(spark, cfg, "ratings", schemas.RATINGS)
-    earlier = [r[0] for r in ratings.where(F.col("run_date") < night.run_date)
+    earlier = [r[0] for r in ratings.where((F.col("run_date") < night.run_date)
+                                           & (F.col("run_date") != valid_run_date(cfg)))
                .select("run_date").distinct().collect()]
     if not earlier:
         return {"skipped": "no earlier ratings"}
