@@ -19,6 +19,7 @@ warning, until one is fit in the warehouse.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import pickle
@@ -53,9 +54,14 @@ def calibrator_dir(cfg: Config) -> str:
 
 
 def _slug(ref: str) -> str:
-    """A folder name for a model reference: a hub id or a path, each character outside
-    [A-Za-z0-9._-] run turned into '--' (Qwen/Qwen3-4B -> Qwen--Qwen3-4B)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", ref.strip("/")) or "model"
+    """A folder name for a model reference: a bare name as it is; a hub id or a path by its
+    last part, made safe, and a hash of the whole reference, so two never share a folder
+    (Qwen/Qwen3-4B -> Qwen3-4B-<8 hex>; /models/run 7/export -> export-<8 hex>)."""
+    last = ref.rstrip("/").rsplit("/", 1)[-1]
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "-", last).strip("-")[:80] or "model"
+    if safe == ref:
+        return safe
+    return f"{safe}-{hashlib.sha1(ref.encode('utf-8')).hexdigest()[:8]}"
 
 
 def _legacy_dir(cfg: Config) -> Path | None:
@@ -83,16 +89,22 @@ def read_calibrator(spark: SparkSession, folder: str):
 
 
 def stored_at(spark: SparkSession, cfg: Config) -> str | None:
-    """The folder holding this model's calibrator for this dataset, or None."""
+    """The folder holding this model's calibrator for this dataset, or None. A path without a
+    scheme is Hadoop's: on fs.defaultFS (HDFS on YARN), as for `warehouse`."""
     folder = calibrator_dir(cfg)
     if path_exists(spark, f"{folder}/calibrator.pkl"):
         return folder
+    if cfg.calibrate.path and (Path(cfg.calibrate.path) / "calibrator.pkl").exists():
+        logger.warning("calibrate.path=%s: no calibrator there on Hadoop's default filesystem, but this machine's "
+                       "disk has one: to read it, set calibrate.path=%s", folder,
+                       Path(cfg.calibrate.path).resolve().as_uri())
+        return None
     legacy = _legacy_dir(cfg)
     if legacy is not None and (legacy / "calibrator.pkl").exists():
         logger.warning("reading the calibrator at %s, beside the model on this machine's disk; a fit now stores "
                        "it in the warehouse at %s, which every driver of a cluster reads: run `siren-batch "
                        "calibrate` once, or copy it there", legacy, folder)
-        return str(legacy)
+        return legacy.resolve().as_uri()   # file://: a scheme-less path would go to fs.defaultFS
     return None
 
 
@@ -133,11 +145,6 @@ def why_fit(spark: SparkSession, cfg: Config) -> str | None:
         return f"no calibrator stored at {folder}"
     diff = _mismatch(cfg, read_calibrator(spark, folder))
     return f"the calibrator at {folder} was fit for other settings {diff} (stored, now)" if diff else None
-
-
-def valid_run_date(cfg: Config) -> str:
-    """The ratings partition score-calibrate scores the valid split into: not a night's."""
-    return cfg.calibrate.run_date or VALID_RUN_DATE
 
 
 def _features(spark: SparkSession, cfg: Config, pairs: DataFrame, als_params) -> tuple[DataFrame, Any]:
@@ -238,7 +245,7 @@ def score_valid(spark: SparkSession, cfg: Config) -> tuple[Config, dict]:
     to fit with (its calibrate.run_date names that partition) and the score stage's summary."""
     from siren_batch.ratings import score_run
 
-    run_date = valid_run_date(cfg)
+    run_date = cfg.calibrate.run_date or VALID_RUN_DATE
     limits = [n for n in (cfg.calibrate.chain_rows, cfg.score.limit) if n]
     # The stored calibrator is not applied there (valid columns would be in-sample) nor checked:
     # it is the one about to be replaced.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -70,7 +71,9 @@ def test_the_calibrator_lives_in_the_warehouse_and_round_trips(spark, tmp_path, 
     cfg = load_config(overrides=[f"warehouse={warehouse}"])
     assert calibrator_dir(cfg) == f"{warehouse}/ml-100k/calibrators/smollm2-135m-instruct"
     hub = load_config(overrides=[f"warehouse={warehouse}", "score.model=Qwen/Qwen3-4B", "score.adapter=/m/kv lora"])
-    assert calibrator_dir(hub).endswith("/ml-100k/calibrators/Qwen--Qwen3-4B__m--kv--lora")
+    assert re.search(r"/ml-100k/calibrators/Qwen3-4B-[0-9a-f]{8}__kv-lora-[0-9a-f]{8}$", calibrator_dir(hub))
+    other_org = load_config(overrides=[f"warehouse={warehouse}", "score.model=Other/Qwen3-4B"])
+    assert calibrator_dir(other_org) != calibrator_dir(hub).split("__")[0]        # never one folder for two
     assert load_if_present(spark, cfg) is None
     cal = fit_calibrator(_frame(200), ["llm", "counts"], folds=2)
     cal.meta["fitted_for"] = fitted_for(cfg)
@@ -90,9 +93,17 @@ def test_the_calibrator_lives_in_the_warehouse_and_round_trips(spark, tmp_path, 
     assert load_if_present(spark, elsewhere) is None
     store(spark, cal, str(legacy))
     caplog.clear()
-    assert load_if_present(spark, elsewhere).meta["loaded_from"] == str(legacy)
+    assert load_if_present(spark, elsewhere).meta["loaded_from"] == legacy.as_uri()   # not fs.defaultFS's
     assert "beside the model on this machine's disk" in caplog.text and calibrator_dir(elsewhere) in caplog.text
     assert load_if_present(spark, cfg).meta["loaded_from"] == calibrator_dir(cfg)   # the warehouse's wins
+    # calibrate.path on this disk while Hadoop's default filesystem is another (HDFS on YARN):
+    # nothing is applied, and the warning says how to name this disk.
+    mine = load_config(overrides=[f"warehouse={warehouse}", f"calibrate.path={legacy}"])
+    assert load_if_present(spark, mine) is not None
+    monkeypatch.setattr("siren_batch.calibration.path_exists", lambda *_: False)
+    caplog.clear()
+    assert load_if_present(spark, mine) is None
+    assert f"to read it, set calibrate.path={legacy.as_uri()}" in caplog.text
 
 
 def test_bad_inputs_fail_with_a_reason():

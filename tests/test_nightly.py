@@ -165,7 +165,11 @@ def test_a_night_fits_the_calibrator_when_none_is_stored_and_applies_it(spark, n
     score step fills the calibrated columns; evaluate never reads the valid partition (night
     1's ratings are removed, so that partition is the only earlier one)."""
     from siren_batch.calibration import VALID_RUN_DATE, calibrator_dir, why_fit
-    from siren_batch.nightly.serve import calibrate_step
+    from pyspark.sql import functions as F
+
+    from siren_batch import schemas
+    from siren_batch.nightly.serve import _valid_sketches, calibrate_step
+    from siren_batch.warehouse import read_table, write_table
 
     root = nights["root"]
     wh = root / "calibrated"
@@ -193,6 +197,13 @@ def test_a_night_fits_the_calibrator_when_none_is_stored_and_applies_it(spark, n
     assert calibrate_step(spark, cfg, None, None) == {"kept": calibrator_dir(cfg)}
     priors = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, priors=True))
     assert "was fit for other settings {'priors': (False, True)" in why_fit(spark, priors)
+    # A refit rebuilds the valid rows (topics may have been re-fitted) and keeps the other splits'.
+    stored = read_table(spark, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)
+    stale_and_trained = stored.unionByName(stored).unionByName(stored.limit(5).withColumn("split", F.lit("train")))
+    write_table(stale_and_trained.localCheckpoint(), cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)
+    assert _valid_sketches(spark, cfg) == valid
+    again = _read(wh, "example_sketches")
+    assert (again.split == "train").sum() == 5 and (again.split == "valid").sum() == valid
     off = dataclasses.replace(cfg, calibrate=dataclasses.replace(cfg.calibrate, in_chain=False))
     assert calibrate_step(spark, off, None, None) == {"skipped": "calibrate.in_chain=false"}
 

@@ -37,8 +37,9 @@ def calibrate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecor
     """Fit the calibrator the score step applies, when the warehouse has none for this model and
     these prompts: on the first night, and on the first after score.model, score.adapter or a
     prompt setting changed. It sketches the valid split (the bootstrap's leave-last-out one, as of
-    strictly before each pair), scores it and fits (calibration.score_and_calibrate). Every other
-    night keeps the stored calibrator: nights never refit it."""
+    strictly before each pair), scores it into ratings/run_date=1970-01-01 (VALID_RUN_DATE, whatever
+    calibrate.run_date says: a night's partition is never the valid one) and fits
+    (calibration.score_and_calibrate). Every other night keeps the stored calibrator."""
     from siren_batch.calibration import calibrator_dir, score_and_calibrate, why_fit
 
     off = ("calibrate.enabled=false" if not cfg.calibrate.enabled else
@@ -54,30 +55,28 @@ def calibrate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecor
     rec.reads = ["interactions", "items", "item_topics", "topics"]
     rec.writes = ["example_sketches", "ratings", "calibrators"]
     rec.input_rows = _valid_sketches(spark, cfg)
-    summary = score_and_calibrate(spark, cfg)
+    summary = score_and_calibrate(spark, dataclasses.replace(
+        cfg, calibrate=dataclasses.replace(cfg.calibrate, run_date=None)))   # None: VALID_RUN_DATE
     rec.output_rows = summary["valid_scored"]["rows"]
     return {"reason": reason, "valid_sketches": rec.input_rows, **summary}
 
 
 def _valid_sketches(spark: SparkSession, cfg: Config) -> int:
     """The valid split's example sketches, which score-calibrate reads (nights build serving
-    sketches only). Kept when `example_sketches` holds valid rows already: each is as of
-    strictly before its pair, which later nights' arrivals do not change. Otherwise added
-    beside the rows of its other splits (a `siren-batch sketches` run's training rows stay)."""
+    sketches only), built afresh: a re-fit of the topics or new sketches.* settings since the
+    last fit change them. The rows of other splits (a `siren-batch sketches` run's training
+    rows) stay as they are."""
     from siren_batch.pipeline import sketch_inputs
     from siren_batch.sketches import example_sketches
 
     valid_only = dataclasses.replace(cfg.sketches, example_splits=["valid"])
-    fresh = example_sketches(*sketch_inputs(spark, cfg), valid_only)
-    stored_rows = 0
+    rows = example_sketches(*sketch_inputs(spark, cfg), valid_only)
+    kept = 0
     if table_exists(spark, cfg, "example_sketches"):
-        stored = read_table(spark, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)
-        have = stored.where(F.col("split") == "valid").count()
-        if have:
-            return have
-        stored_rows = stored.count()
-        fresh = stored.unionByName(fresh)
-    return write_table(fresh, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES) - stored_rows
+        others = read_table(spark, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES).where(F.col("split") != "valid")
+        kept = others.count()
+        rows = others.unionByName(rows)
+    return write_table(rows, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES) - kept
 
 
 def score_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord) -> dict:
@@ -110,7 +109,7 @@ def evaluate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
     """The newest earlier night's ratings partition against tonight's arrivals for its pairs
     (not the calibrate step's valid scores)."""
     from siren_batch.baselines import baseline_predictions
-    from siren_batch.calibration import valid_run_date
+    from siren_batch.calibration import VALID_RUN_DATE
     from siren_batch.evaluate import evaluate_systems, llm_systems
     from siren_batch.pipeline import replace_evaluation
 
@@ -119,7 +118,7 @@ def evaluate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecord
         return {"skipped": "no ratings yet"}
     ratings = read_table(spark, cfg, "ratings", schemas.RATINGS)
     earlier = [r[0] for r in ratings.where((F.col("run_date") < night.run_date)
-                                           & (F.col("run_date") != valid_run_date(cfg)))
+                                           & (F.col("run_date") != VALID_RUN_DATE))
                .select("run_date").distinct().collect()]
     if not earlier:
         return {"skipped": "no earlier ratings"}
