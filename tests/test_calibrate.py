@@ -333,7 +333,7 @@ def test_a_fit_says_when_it_replaces_a_larger_one_or_another_warehouses(spark, t
 
     from siren_batch.calibration import _say_what_is_replaced
 
-    _say_what_is_replaced(spark, str(tmp_path), {"rows": 100, "warehouse": "/wh"})          # nothing stored: nothing said
+    _say_what_is_replaced(spark, str(tmp_path), {"rows": 100, "warehouse": "/wh"})   # nothing stored: nothing said
     (tmp_path / "calibration.json").write_text(json.dumps({"rows": 943, "warehouse": "/wh"}))
     for new, said in (({"rows": 943, "warehouse": "/wh"}, False), ({"rows": 2000, "warehouse": "/wh"}, False),
                       ({"rows": 100, "warehouse": "/wh"}, True), ({"rows": 943, "warehouse": "/demo"}, True)):
