@@ -136,6 +136,17 @@ def _mismatch(cfg: Config, calibrator) -> dict[str, tuple]:
     return {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
 
 
+def left_out_of_chains(cfg: Config) -> str | None:
+    """Why `siren-batch all` and a night leave score-calibrate out, or None when they run it."""
+    if not cfg.calibrate.enabled:
+        return "calibrate.enabled=false"
+    if not cfg.calibrate.in_chain:
+        return "calibrate.in_chain=false"
+    if cfg.score.mode == "cot":
+        return "score.mode=cot has no rating distribution to calibrate"
+    return None
+
+
 def why_fit(spark: SparkSession, cfg: Config) -> str | None:
     """Why the calibrator folder needs a fit for cfg's model and prompts, or None when it
     holds one (the nightly calibrate step fits when this says so; one only beside the model,

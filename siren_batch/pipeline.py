@@ -258,8 +258,10 @@ def chain(name: str, cfg: Config) -> list[str]:
     split before scoring (calibrate.in_chain, with calibrate.enabled; not for score.mode=cot,
     which has no rating distribution to calibrate) so the scores it evaluates are calibrated as
     well as raw."""
+    from siren_batch.calibration import left_out_of_chains
+
     if name == "sketch-chain":
         return SKETCH_CHAIN
-    if cfg.calibrate.in_chain and cfg.calibrate.enabled and cfg.score.mode != "cot":
+    if left_out_of_chains(cfg) is None:
         return [*SKETCH_CHAIN, "score-calibrate", "score", "evaluate"]
     return FULL_CHAIN

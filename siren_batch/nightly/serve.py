@@ -40,12 +40,9 @@ def calibrate_step(spark: SparkSession, cfg: Config, night: Night, rec: RunRecor
     strictly before each pair), scores it into ratings/run_date=1970-01-01 (VALID_RUN_DATE, whatever
     calibrate.run_date says: a night's partition is never the valid one) and fits
     (calibration.score_and_calibrate). Every other night keeps the stored calibrator."""
-    from siren_batch.calibration import calibrator_dir, score_and_calibrate, why_fit
+    from siren_batch.calibration import calibrator_dir, left_out_of_chains, score_and_calibrate, why_fit
 
-    off = ("calibrate.enabled=false" if not cfg.calibrate.enabled else
-           "calibrate.in_chain=false" if not cfg.calibrate.in_chain else
-           "score.mode=cot has no rating distribution to calibrate" if cfg.score.mode == "cot" else
-           "nightly.candidates=none" if cfg.nightly.candidates == "none" else None)
+    off = left_out_of_chains(cfg) or ("nightly.candidates=none" if cfg.nightly.candidates == "none" else None)
     if off:
         return {"skipped": off}
     reason = why_fit(spark, cfg)
