@@ -11,6 +11,7 @@ What each may have seen:
   counts from the example sketches (strictly earlier ratings only);
 - nightly candidates: baselines fit on every interaction, counts as of the end of
   history (serving sketches and item priors).
+A labelled split's baselines never see what later nights added (bootstrap_history).
 ALS uses the (rank, reg) tuned on valid, or the pair the caller passes (a stored
 calibrator brings its own so a night needs no grid search).
 """
@@ -24,11 +25,26 @@ from pyspark.sql import functions as F
 
 from siren_batch import baselines, schemas
 from siren_batch.config import Config
-from siren_batch.warehouse import conform, read_table
+from siren_batch.warehouse import conform, read_table, table_exists
 
 logger = logging.getLogger(__name__)
 
 KEY = ["user_id", "item_id"]
+
+
+def bootstrap_history(spark: SparkSession, cfg: Config, interactions: DataFrame) -> DataFrame:
+    """`interactions` without the rows that nights after the split added: the history the
+    valid and test splits were cut from. Those rows are train rows later than every labelled
+    pair, so a baseline fit on them for a split (a calibrator refit on a later night, an
+    evaluation after some nights) would learn from that split's future. The night whose
+    arrivals hold valid or test rows is the bootstrap, and its rows stay; with no nightly
+    arrivals stored, `interactions` itself."""
+    if not table_exists(spark, cfg, "arrived_interactions"):
+        return interactions
+    arrived = read_table(spark, cfg, "arrived_interactions", schemas.with_run_date(schemas.INTERACTIONS))
+    bootstrap = [r[0] for r in arrived.where(F.col("split") != "train").select("run_date").distinct().collect()]
+    later = arrived.where(~F.col("run_date").isin(bootstrap)).select("user_id", "item_id", "ts")
+    return interactions.join(later, on=["user_id", "item_id", "ts"], how="left_anti")
 
 
 def _baselines(interactions: DataFrame, split: str, cfg: Config,
@@ -44,7 +60,7 @@ def _baselines(interactions: DataFrame, split: str, cfg: Config,
 def split_features(spark: SparkSession, cfg: Config, split: str,
                    als_params: tuple[int, float] | None = None) -> tuple[DataFrame, tuple[int, float]]:
     """schemas.PAIR_FEATURES for every labelled pair of `split` (valid or test)."""
-    interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+    interactions = bootstrap_history(spark, cfg, read_table(spark, cfg, "interactions", schemas.INTERACTIONS))
     preds, als_params = _baselines(interactions, split, cfg, als_params)
     counts = (read_table(spark, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)
               .where(F.col("split") == split)

@@ -155,11 +155,14 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
     truth of evaluate.split -> metrics (appended by eval_id) and reports/."""
     from siren_batch.baselines import baseline_predictions
     from siren_batch.evaluate import PAPER_ROWS, evaluate_systems, llm_systems, markdown_report, nll_metric
+    from siren_batch.features import bootstrap_history
     from siren_batch.warehouse import write_text
 
     with run_record(spark, cfg, "evaluate") as rec:
         rec.reads, rec.writes = ["interactions", "ratings"], ["metrics", "reports"]
-        interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS).cache()
+        # After some nights the baselines still learn only from what the split was cut from.
+        interactions = bootstrap_history(spark, cfg, read_table(spark, cfg, "interactions",
+                                                                schemas.INTERACTIONS)).cache()
         run_date, ratings = _latest_ratings(spark, cfg)
         model = ratings.select("model_id").first()
         llm = cfg.evaluate.system or f"llm:{(model.model_id if model else cfg.score.model).rstrip('/').split('/')[-1]}"

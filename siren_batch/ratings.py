@@ -279,6 +279,9 @@ def add_base_back(spark: SparkSession, cfg: Config, out: DataFrame, training: di
     source = cfg.score.candidates
     split = source.split(":", 1)[1] if source.startswith("split:") else None
     interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+    if split is not None:   # a labelled split's base never sees what later nights added
+        from siren_batch.features import bootstrap_history
+        interactions = bootstrap_history(spark, cfg, interactions)
     bases = with_base(out.select("user_id", "item_id").dropDuplicates(), interactions, split, cfg)
     # clip() is least/greatest, which skip nulls: an error row's null must stay null.
     shifted = {c: F.when(F.col(c).isNotNull(), clip(F.col(c) + F.col("base") - F.lit(midpoint)))

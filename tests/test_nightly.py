@@ -168,6 +168,8 @@ def test_a_night_fits_the_calibrator_when_none_is_stored_and_applies_it(spark, n
     from pyspark.sql import functions as F
 
     from siren_batch import schemas
+    from siren_batch.baselines import with_base
+    from siren_batch.features import bootstrap_history, split_features
     from siren_batch.nightly.serve import _valid_sketches, calibrate_step
     from siren_batch.warehouse import read_table, write_table
 
@@ -175,9 +177,13 @@ def test_a_night_fits_the_calibrator_when_none_is_stored_and_applies_it(spark, n
     wh = root / "calibrated"
     shutil.copytree(root / "after-night1", wh)
     shutil.rmtree(wh / "ml-100k" / "ratings" / f"run_date={NIGHT1}")
-    cfg = load_config(overrides=[*_overrides(wh, root / "arrivals", root / "candidates.parquet", long_tiny_model),
-                                 "calibrate.enabled=true", "calibrate.chain_rows=40", "calibrate.folds=2",
-                                 "evaluate.als_ranks=[2]", "evaluate.als_reg_params=[0.1]", "evaluate.als_max_iter=3"])
+    def cfg_at(warehouse):
+        return load_config(overrides=[*_overrides(warehouse, root / "arrivals", root / "candidates.parquet",
+                                                  long_tiny_model),
+                                      "calibrate.enabled=true", "calibrate.chain_rows=40", "calibrate.folds=2",
+                                      "evaluate.als_ranks=[2]", "evaluate.als_reg_params=[0.1]",
+                                      "evaluate.als_max_iter=3"])
+    cfg = cfg_at(wh)
     assert not (wh / "ml-100k" / "example_sketches").exists()   # nights build serving sketches only
     two = nightly.run_night(spark, cfg, NIGHT2)
     fit = two["calibrate"]
@@ -193,6 +199,18 @@ def test_a_night_fits_the_calibrator_when_none_is_stored_and_applies_it(spark, n
     tonight = ratings[ratings.run_date == NIGHT2]
     assert len(tonight) == len(nights["cands"]) and tonight.calibrated_rating.between(1, 5).all()
     assert two["evaluate"]["skipped"] == "no earlier ratings"
+    # The fit's baseline features learn from the history the valid split was cut from, not
+    # from night 2's arrivals (train rows later than every valid pair): as on night 1's tables.
+    stored = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+    night1 = read_table(spark, cfg_at(root / "after-night1"), "interactions", schemas.INTERACTIONS)
+    arrived = (_read(wh, "arrived_interactions").run_date.astype(str) == NIGHT2).sum()
+    assert bootstrap_history(spark, cfg, stored).count() == stored.count() - arrived == night1.count()
+    feats, _ = split_features(spark, cfg, "valid", (2, 0.1))
+    bias = feats.toPandas().set_index(["user_id", "item_id"]).bias.sort_index()
+    at_night1 = with_base(night1, "valid", cfg.evaluate)[1].toPandas().set_index(["user_id", "item_id"]).base
+    leaky = with_base(stored, "valid", cfg.evaluate)[1].toPandas().set_index(["user_id", "item_id"]).base
+    assert len(bias) == valid and np.allclose(bias, at_night1.reindex(bias.index), atol=1e-9)
+    assert not np.allclose(bias, leaky.reindex(bias.index), atol=1e-6)   # what the fit saw before
     # Stored for these settings: later nights keep it; a prompt setting changed: the next night refits.
     assert calibrate_step(spark, cfg, None, None) == {"kept": calibrator_dir(cfg)}
     priors = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, priors=True))
