@@ -105,10 +105,11 @@ class _Store:
             else:
                 from siren_batch.warehouse import read_text
                 text = read_text(self.spark, self.path)
-            return json.loads(text or "{}")
-        except FileNotFoundError:
+            # A holder killed between create and write leaves an empty file: held, by someone unknown.
+            return json.loads(text) if text.strip() else {"run_id": "?", "what": "empty lock file"}
+        except FileNotFoundError:   # nobody holds it (through Hadoop too: warehouse.read_text)
             return {}
-        except ValueError:  # a holder killed between create and write leaves an empty file
+        except ValueError:
             return {"run_id": "?", "what": "unreadable lock file"}
 
     def delete(self) -> None:
@@ -127,10 +128,12 @@ def acquire(spark, cfg: Config, run_id: str, what: str, *, break_lock: bool = Fa
     store = _Store(spark, lock_path(cfg))
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id, "what": what,
             "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    for _ in range(2):  # a second try only after breaking a lock
+    for _ in range(3):  # tried again only after breaking a lock, or when the holder just let go
         if store.create(json.dumps(mine)):
             return mine
         holder = store.read()
+        if not holder:   # released between our create and read: it is free now
+            continue
         if break_lock:
             logger.warning("breaking the lock of %s at %s", describe(holder), store.path)
             store.delete()
@@ -144,7 +147,7 @@ def acquire(spark, cfg: Config, run_id: str, what: str, *, break_lock: bool = Fa
         state = "is running" if stale is False else "may still be running on another host"
         raise LockHeld(f"{where} is locked by {describe(holder)}, which {state}: wait for it, "
                        "or if it is dead rerun with --break-lock")
-    raise LockHeld(f"{store.path}: another run took the lock while breaking it")
+    raise LockHeld(f"{store.path}: other runs took the lock as soon as it was free: try again")
 
 
 def release(spark, cfg: Config, run_id: str) -> None:

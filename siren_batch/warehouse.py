@@ -138,30 +138,27 @@ def write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
 
 def read_bytes(spark: SparkSession, path: str) -> bytes:
     """Read a small file whole through the FileSystem API (write_bytes' counterpart). Py4J
-    hands a Java byte[] back by value, so the stream is copied into one on the JVM side."""
+    hands a Java byte[] back by value, so the stream is copied into one on the JVM side.
+    A missing file raises FileNotFoundError, as open() does, on every filesystem."""
+    from py4j.protocol import Py4JJavaError
+
     fs, hpath = _fs_path(spark, path)
     jvm = spark.sparkContext._jvm
+    try:
+        stream = fs.open(hpath)
+    except Py4JJavaError as err:
+        if err.java_exception.getClass().getName() == "java.io.FileNotFoundException":
+            raise FileNotFoundError(f"no such file: {path}") from None
+        raise
     out = jvm.java.io.ByteArrayOutputStream()
-    jvm.org.apache.hadoop.io.IOUtils.copyBytes(fs.open(hpath), out, 1 << 16, True)   # True: closes both
+    jvm.org.apache.hadoop.io.IOUtils.copyBytes(stream, out, 1 << 16, True)   # True: closes both
     return bytes(out.toByteArray())
 
 
 def read_text(spark: SparkSession, path: str) -> str:
-    """Read a small text file through the FileSystem API (Hadoop input formats
-    skip names starting with '_', like our markers)."""
-    fs, hpath = _fs_path(spark, path)
-    jvm = spark.sparkContext._jvm
-    stream = fs.open(hpath)
-    try:
-        reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(stream, "UTF-8"))
-        lines = []
-        line = reader.readLine()
-        while line is not None:
-            lines.append(line)
-            line = reader.readLine()
-        return "\n".join(lines)
-    finally:
-        stream.close()
+    """Read a small UTF-8 text file whole through the FileSystem API (Hadoop input
+    formats skip names starting with '_', like our markers); write_text's counterpart."""
+    return read_bytes(spark, path).decode("utf-8")
 
 
 # ---- tables ------------------------------------------------------------------------

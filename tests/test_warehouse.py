@@ -1,3 +1,5 @@
+import pytest
+
 from pyspark.sql import types as T
 
 from siren_batch import warehouse as W
@@ -120,6 +122,34 @@ def test_the_lock_goes_where_hadoop_puts_the_tables(spark, tmp_path, monkeypatch
 
     monkeypatch.setattr(W, "_fs_path", lambda spark_, path: (Hdfs(), None))   # fs.defaultFS=hdfs://...
     assert lock._Store(spark, "/user/siren/wh/_lock").local is None and not W.on_local_disk(spark, "/user/siren")
+
+
+def test_the_lock_through_hadoop_sees_a_released_lock_as_free(spark, cfg, monkeypatch):
+    """On HDFS the holder can let go between our create and our read: the read finds no file
+    (FileNotFoundError through Hadoop, not a Java stack trace) and the next try takes the lock.
+    An empty lock file (a holder killed while taking it) is still held, by someone unknown."""
+    from siren_batch import lock
+
+    monkeypatch.setattr(W, "on_local_disk", lambda spark_, path: False)   # the Hadoop code path, on file:
+    path = lock.lock_path(cfg)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        W.read_text(spark, path)
+    store = lock._Store(spark, path)
+    assert store.local is None and store.read() == {}
+    assert store.create('{"run_id": "other"}') and not store.create('{"run_id": "late"}')
+    real_read = lock._Store.read
+
+    def read_after_release(self):
+        W.delete_path(spark, path)   # the holder releases just before we read
+        return real_read(self)
+
+    monkeypatch.setattr(lock._Store, "read", read_after_release)
+    assert lock.acquire(spark, cfg, "mine", "test")["run_id"] == "mine"
+    monkeypatch.setattr(lock._Store, "read", real_read)
+    assert store.read()["run_id"] == "mine"
+    W.write_text(spark, path, "")
+    with pytest.raises(lock.LockHeld, match="empty lock file"):
+        lock.acquire(spark, cfg, "third", "test")
 
 
 def test_a_small_file_is_replaced_whole(spark, tmp_path):
