@@ -25,26 +25,36 @@ from pyspark.sql import functions as F
 
 from siren_batch import baselines, schemas
 from siren_batch.config import Config
-from siren_batch.warehouse import conform, read_table, table_exists
+from siren_batch.warehouse import conform, list_dir, path_exists, read_table
 
 logger = logging.getLogger(__name__)
 
 KEY = ["user_id", "item_id"]
 
 
-def bootstrap_history(spark: SparkSession, cfg: Config, interactions: DataFrame) -> DataFrame:
-    """`interactions` without the rows that nights after the split added: the history the
-    valid and test splits were cut from. Those rows are train rows later than every labelled
-    pair, so a baseline fit on them for a split (a calibrator refit on a later night, an
-    evaluation after some nights) would learn from that split's future. The night whose
-    arrivals hold valid or test rows is the bootstrap, and its rows stay; with no nightly
-    arrivals stored, `interactions` itself."""
-    if not table_exists(spark, cfg, "arrived_interactions"):
+def bootstrap_history(spark: SparkSession, cfg: Config) -> DataFrame:
+    """The interactions the valid and test splits were cut from. A night after the split adds
+    train rows later than every labelled pair (and a re-rating replaces a pair's row), so a
+    baseline fit for a split on today's table (a calibrator refit on a later night, an
+    evaluation after some nights) would learn from that split's future.
+    - Nightly warehouses: the first night's arrivals, when they hold the valid and test rows
+      (the bootstrap ingests the whole history and splits it): exactly what was cut.
+    - Nights added to a warehouse `siren-batch ingest` built: the table without every night's
+      rows (a pair re-rated by a night has lost its older row there, and is left out).
+    - No nightly arrivals: the `interactions` table itself."""
+    interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+    folder = cfg.table_path("arrived_interactions")
+    nights = sorted(n.split("=", 1)[1] for n in (list_dir(spark, folder) if path_exists(spark, folder) else [])
+                    if n.startswith("run_date="))
+    if not nights:
         return interactions
     arrived = read_table(spark, cfg, "arrived_interactions", schemas.with_run_date(schemas.INTERACTIONS))
-    bootstrap = [r[0] for r in arrived.where(F.col("split") != "train").select("run_date").distinct().collect()]
-    later = arrived.where(~F.col("run_date").isin(bootstrap)).select("user_id", "item_id", "ts")
-    return interactions.join(later, on=["user_id", "item_id", "ts"], how="left_anti")
+    first = arrived.where(F.col("run_date") == nights[0]).drop("run_date")
+    if first.where(F.col("split") != "train").limit(1).count():
+        return first
+    later = arrived.select("user_id", "item_id", "ts")
+    return (interactions.join(later, on=["user_id", "item_id", "ts"], how="left_anti")
+            .select(*schemas.INTERACTIONS.names))
 
 
 def _baselines(interactions: DataFrame, split: str, cfg: Config,
@@ -60,7 +70,7 @@ def _baselines(interactions: DataFrame, split: str, cfg: Config,
 def split_features(spark: SparkSession, cfg: Config, split: str,
                    als_params: tuple[int, float] | None = None) -> tuple[DataFrame, tuple[int, float]]:
     """schemas.PAIR_FEATURES for every labelled pair of `split` (valid or test)."""
-    interactions = bootstrap_history(spark, cfg, read_table(spark, cfg, "interactions", schemas.INTERACTIONS))
+    interactions = bootstrap_history(spark, cfg)
     preds, als_params = _baselines(interactions, split, cfg, als_params)
     counts = (read_table(spark, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)
               .where(F.col("split") == split)

@@ -161,8 +161,7 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
     with run_record(spark, cfg, "evaluate") as rec:
         rec.reads, rec.writes = ["interactions", "ratings"], ["metrics", "reports"]
         # After some nights the baselines still learn only from what the split was cut from.
-        interactions = bootstrap_history(spark, cfg, read_table(spark, cfg, "interactions",
-                                                                schemas.INTERACTIONS)).cache()
+        interactions = bootstrap_history(spark, cfg).cache()
         run_date, ratings = _latest_ratings(spark, cfg)
         model = ratings.select("model_id").first()
         llm = cfg.evaluate.system or f"llm:{(model.model_id if model else cfg.score.model).rstrip('/').split('/')[-1]}"

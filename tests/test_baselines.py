@@ -38,6 +38,29 @@ def test_fit_data_uses_only_the_past_of_the_split(tiny):
         fit_data(tiny, "train")
 
 
+def test_a_labelled_split_never_sees_what_later_nights_added(spark, cfg, tiny):
+    """features.bootstrap_history on a warehouse `siren-batch ingest` built and nights then
+    added to (no bootstrap night): every night's rows are left out, a re-rated pair's too.
+    The nightly bootstrap's own case is in test_nightly."""
+    from siren_batch.features import bootstrap_history
+    from siren_batch.warehouse import write_table
+
+    write_table(tiny, cfg, "interactions", schemas.INTERACTIONS)
+    assert sorted(bootstrap_history(spark, cfg).collect()) == sorted(tiny.collect())   # no nights yet
+    nights = spark.createDataFrame([("u1", "i5", 2.0, 9, "train", "2026-01-02"),
+                                    ("u1", "i2", 1.0, 8, "train", "2026-01-03")],   # re-rates (u1, i2)
+                                   schemas.with_run_date(schemas.INTERACTIONS))
+    write_table(nights, cfg, "arrived_interactions", schemas.with_run_date(schemas.INTERACTIONS),
+                partition_by=["run_date"])
+    merged = tiny.where((F.col("user_id") != "u1") | (F.col("item_id") != "i2")).unionByName(nights.drop("run_date"))
+    write_table(merged, cfg, "interactions", schemas.INTERACTIONS)
+    history = bootstrap_history(spark, cfg)
+    assert sorted(history.collect()) == sorted(tiny.where("item_id != 'i2' or user_id != 'u1'").collect())
+    bias = {name: as_dict(bias_predict(target_pairs(table, "valid"), *fit_bias(fit_data(table, "valid"), 1.0, 2)))
+            for name, table in (("history", history), ("merged", merged))}
+    assert bias["history"].keys() == bias["merged"].keys() and bias["history"] != bias["merged"]
+
+
 def test_median_and_means_with_fallback(tiny):
     fit = fit_data(tiny, "valid")
     assert median(fit) == 4.0
