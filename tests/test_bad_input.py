@@ -185,6 +185,21 @@ def test_amazon_meta_field_of_the_wrong_type(spark, tmp_path):
     assert_reconciled(result, 2, 3)  # the blank line is no row
 
 
+def test_amazon_fields_ingest_never_reads_are_neither_kept_nor_checked(spark, tmp_path):
+    """A review's title and text (most of a category's bytes) stay out of the rows and the
+    reject records, and a meta field nothing reads (description, price, details) rejects
+    nothing whatever its type."""
+    wordy = json.dumps({"rating": 5.0, "parent_asin": "P9", "user_id": "u1", "timestamp": 1000, "title": "Great",
+                        "text": "a long review " * 50, "helpful_vote": "many", "verified_purchase": "yes"})
+    odd = {"parent_asin": "P2", "title": "Heat", "categories": [], "description": "not a list", "price": "None",
+           "details": {"Runtime": [170, "min"]}}
+    result = run(spark, tmp_path, *amazon_source(tmp_path, [review("u1", "P1"), review("u1", "P2"), wordy],
+                                                 [META[0], odd]))
+    assert rejects(result) == [
+        ("interactions", "unknown_item", '{"rating":"5.0","parent_asin":"P9","user_id":"u1","timestamp":"1000"}')]
+    assert_reconciled(result, 3, 2)
+
+
 # ---- siren-movies JSONL.gz ------------------------------------------------------------------
 
 def write_gz(path, lines):

@@ -9,11 +9,13 @@ from siren_batch.config import Config
 from siren_batch.readers.lines import read_jsonl
 from siren_batch.readers.raw import item_text, need, raw_interactions, raw_items, strings
 
-_AMAZON_REVIEW = strings(["rating", "title", "text", "asin", "parent_asin", "user_id", "timestamp",
-                          "helpful_vote", "verified_purchase"])
+# Only the fields ingest uses are declared: the others (a review's title and text, a meta row's
+# description, price, details, ...) are never parsed, so they neither ride along in every row and
+# reject record (the review texts are most of a category's bytes) nor reject a row over their type.
+_AMAZON_REVIEW = strings(["rating", "asin", "parent_asin", "user_id", "timestamp"])
 _AMAZON_META = T.StructType([
     *strings(["parent_asin", "title", "main_category", "store"]).fields,
-    *[T.StructField(n, T.ArrayType(T.StringType())) for n in ("categories", "features", "description")]])
+    *[T.StructField(n, T.ArrayType(T.StringType())) for n in ("categories", "features")]])
 
 
 def read_amazon2023(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, str]:
