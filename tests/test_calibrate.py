@@ -437,3 +437,22 @@ def test_candidate_features_cover_unknown_users_and_items(spark, tmp_path, small
     assert (out[("u1", "i99")].item_count, out[("u1", "i99")].item_mean) == (0, None)
     assert (out[("nobody", "i3")].n_history, out[("nobody", "i3")].user_mean) == (0, None)
     assert out[("nobody", "i3")].als == out[("nobody", "i3")].bias       # ALS knows no such user: the bias
+
+
+def test_probe_states_in_chunks_equal_one_call_and_count_progress():
+    """The probe's forward passes go a chunk at a time (a progress line for a long split):
+    the same states and errors, in prompt order, as one call."""
+    from siren_batch.console import Progress
+    from siren_batch.train.probe import _states
+
+    class Backend:
+        def answer_states(self, prompts, layers):
+            states = np.array([[len(p), layers[0]] for p in prompts], dtype=np.float32).reshape(len(prompts), 2)
+            return states, [None if p else "empty prompt" for p in prompts]
+
+    prompts = ["a", "bb", "", "dddd", "eeeee"]
+    progress = Progress(len(prompts), every_s=1e9)
+    states, errors = _states(Backend(), prompts, [3], progress, chunk=2)
+    want, want_errors = Backend().answer_states(prompts, [3])
+    assert np.array_equal(states, want) and errors == want_errors and progress.done == 5
+    assert _states(Backend(), [], [3], Progress(0))[0].shape == (0, 2)

@@ -26,9 +26,12 @@ from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.config import Config
+from siren_batch.console import Progress
 from siren_batch.warehouse import read_table, run_record, write_table
 
 logger = logging.getLogger(__name__)
+
+STATES_CHUNK = 128   # prompts per answer_states call: the progress line moves after each
 
 
 def layer_indices(n_layers: int, fractions: list[float]) -> list[int]:
@@ -61,11 +64,26 @@ def _frame(spark: SparkSession, cfg: Config, split: str, limit: int | None, back
     frame = (prompts.select(*KEY, "label", "prompt", "prompt_tokens").join(feats, on=KEY, how="left")
              .orderBy(*KEY).toPandas())
     start = time.perf_counter()
-    hidden, errors = backend.answer_states(frame["prompt"].tolist(), layers)
+    hidden, errors = _states(backend, frame["prompt"].tolist(), layers,
+                             Progress(len(frame), cfg.score.progress_every_s, f"probe {split}"))
     logger.info("probe: %d %s hidden states in %.1fs", len(frame), split, time.perf_counter() - start)
     frame["hidden"] = list(hidden)
     frame["error"] = errors
     return frame.drop(columns=["prompt"]), als_params
+
+
+def _states(backend, prompts: list[str], layers: list[int], progress: Progress, chunk: int = STATES_CHUNK):
+    """backend.answer_states over `prompts` a chunk at a time, so a long split shows its
+    progress (rows, rows/s, ETA): (states, errors) in prompt order, as one call gives."""
+    parts, errors = [], []
+    for at in range(0, len(prompts), chunk):
+        states, errs = backend.answer_states(prompts[at:at + chunk], layers)
+        parts.append(states)
+        errors += errs
+        progress.update(len(errs))
+    if not parts:
+        return backend.answer_states([], layers)
+    return np.concatenate(parts), errors
 
 
 def _ratings(frame, probe, cfg: Config, model_id: str, run_id: str, run_date: str):
