@@ -39,6 +39,7 @@ def bootstrap_history(spark: SparkSession, cfg: Config) -> DataFrame:
     evaluation after some nights) would learn from that split's future.
     - Nightly warehouses: the first night's arrivals, when they hold the valid and test rows
       (the bootstrap ingests the whole history and splits it): exactly what was cut.
+      If the table's valid and test rows are not the bootstrap's (ingested afresh since), the table.
     - Nights added to a warehouse `siren-batch ingest` built: the table without every night's
       rows (a pair re-rated by a night has lost its older row there, and is left out).
     - No nightly arrivals: the `interactions` table itself."""
@@ -50,8 +51,18 @@ def bootstrap_history(spark: SparkSession, cfg: Config) -> DataFrame:
         return interactions
     arrived = read_table(spark, cfg, "arrived_interactions", schemas.with_run_date(schemas.INTERACTIONS))
     first = arrived.where(F.col("run_date") == nights[0]).drop("run_date")
-    if first.where(F.col("split") != "train").limit(1).count():
-        return first
+    labelled = F.col("split") != "train"
+    if first.where(labelled).limit(1).count():
+        # The bootstrap, unless the table was ingested afresh since: then its labelled rows
+        # are not all the bootstrap's (a night's re-rating only removes some), and it is the history.
+        fresh = interactions.where(labelled).join(first.where(labelled), on=schemas.INTERACTIONS.names,
+                                                  how="left_anti")
+        if not fresh.limit(1).count():
+            return first
+        logger.warning("the valid and test rows of %s are not those the first night (%s) cut: ingested "
+                       "afresh since, so the baselines learn from the table as it is", cfg.table_path("interactions"),
+                       nights[0])
+        return interactions
     later = arrived.select("user_id", "item_id", "ts")
     return (interactions.join(later, on=["user_id", "item_id", "ts"], how="left_anti")
             .select(*schemas.INTERACTIONS.names))

@@ -225,7 +225,7 @@ def test_a_night_fits_the_calibrator_when_none_is_stored_and_applies_it(spark, n
     off = dataclasses.replace(cfg, calibrate=dataclasses.replace(cfg.calibrate, in_chain=False))
     assert calibrate_step(spark, off, None, None) == {"skipped": "calibrate.in_chain=false"}
     # A later night's re-rating of a valid pair replaces its row in interactions; the split keeps it.
-    table = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+    table = read_table(spark, cfg, "interactions", schemas.INTERACTIONS).localCheckpoint()
     pair = table.where(F.col("split") == "valid").limit(1).localCheckpoint()
     rerated = pair.withColumns({"split": F.lit("train"), "ts": F.col("ts") + 1, "rating": 6 - F.col("rating")})
     kept = table.join(pair.select("user_id", "item_id"), on=["user_id", "item_id"], how="left_anti")
@@ -233,6 +233,12 @@ def test_a_night_fits_the_calibrator_when_none_is_stored_and_applies_it(spark, n
     history = bootstrap_history(spark, cfg)
     assert history.where(F.col("split") == "valid").count() == valid
     assert history.join(pair, on=list(pair.columns), how="left_semi").count() == 1
+    # The table ingested afresh since (its labelled rows are not the bootstrap's): the table is the history.
+    write_table(table.withColumn("rating", F.when(F.col("split") == "test", 6 - F.col("rating"))
+                                 .otherwise(F.col("rating"))).localCheckpoint(),
+                cfg, "interactions", schemas.INTERACTIONS)
+    assert bootstrap_history(spark, cfg).where("split = 'test'").agg(F.sum("rating")).first()[0] == \
+        table.where("split = 'test'").agg(F.sum(6 - F.col("rating"))).first()[0]
 
 
 def test_rerunning_a_night_changes_nothing(spark, nights):
