@@ -101,13 +101,24 @@ def meta_for(meta: dict[str, dict[str, Any]], dataset: str, system: str) -> dict
 def merge_tables(old: dict[str, dict[str, dict[str, Any]]],
                  new: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
     """dataset -> system -> entry: `old`'s entries, with `new`'s in place of their namesakes.
+    A namesake read again from the same evaluation (eval_id) keeps what --meta recorded for
+    it (training examples, device, wall time) unless given again; a new evaluation does not.
 
     >>> merge_tables({"a": {"x": {"mae": 1}, "y": {"mae": 2}}}, {"a": {"x": {"mae": 0}}, "b": {"z": {}}})
     {'a': {'x': {'mae': 0}, 'y': {'mae': 2}}, 'b': {'z': {}}}
+    >>> old = {"a": {"x": {"eval_id": "e1", "mae": 1, "device": "cpu"}}}
+    >>> merge_tables(old, {"a": {"x": {"eval_id": "e1", "mae": 1}}})["a"]["x"]
+    {'eval_id': 'e1', 'mae': 1, 'device': 'cpu'}
+    >>> merge_tables(old, {"a": {"x": {"eval_id": "e2", "mae": 0}}})["a"]["x"]
+    {'eval_id': 'e2', 'mae': 0}
     """
     out = {dataset: dict(systems) for dataset, systems in old.items()}
     for dataset, systems in new.items():
-        out.setdefault(dataset, {}).update(systems)
+        kept = out.setdefault(dataset, {})
+        for system, entry in systems.items():
+            before = kept.get(system, {})
+            same = "eval_id" in entry and before.get("eval_id") == entry["eval_id"]
+            kept[system] = {**before, **entry} if same else entry
     return out
 
 
