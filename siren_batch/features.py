@@ -68,6 +68,15 @@ def bootstrap_history(spark: SparkSession, cfg: Config) -> DataFrame:
             .select(*schemas.INTERACTIONS.names))
 
 
+def history_for(spark: SparkSession, cfg: Config, split: str | None) -> DataFrame:
+    """The interactions a base or baseline for `split` may learn from: for the labelled splits
+    (valid, test) the history they were cut from (bootstrap_history), else (train, nightly
+    candidates: None) the table as it is."""
+    if split in ("valid", "test"):
+        return bootstrap_history(spark, cfg)
+    return read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
+
+
 def _baselines(interactions: DataFrame, split: str, cfg: Config,
                als_params: tuple[int, float] | None) -> tuple[DataFrame, tuple[int, float]]:
     """(user_id, item_id, bias, als) for the pairs of `split`, and the ALS (rank, reg) used."""

@@ -278,12 +278,9 @@ def add_base_back(spark: SparkSession, cfg: Config, out: DataFrame, training: di
     midpoint = (scale[0] + scale[-1]) / 2
     source = cfg.score.candidates
     split = source.split(":", 1)[1] if source.startswith("split:") else None
-    if split is None:
-        interactions = read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
-    else:   # a labelled split's base never sees what later nights added, as in training
-        from siren_batch.features import bootstrap_history
-        interactions = bootstrap_history(spark, cfg)
-    bases = with_base(out.select("user_id", "item_id").dropDuplicates(), interactions, split, cfg)
+    from siren_batch.features import history_for   # a labelled split's base: as in training
+
+    bases = with_base(out.select("user_id", "item_id").dropDuplicates(), history_for(spark, cfg, split), split, cfg)
     # clip() is least/greatest, which skip nulls: an error row's null must stay null.
     shifted = {c: F.when(F.col(c).isNotNull(), clip(F.col(c) + F.col("base") - F.lit(midpoint)))
                for c in ("rating", "rating_median")}

@@ -31,6 +31,7 @@ from pyspark.sql import functions as F
 
 from siren_batch import schemas
 from siren_batch.config import Config
+from siren_batch.features import history_for
 from siren_batch.warehouse import read_table
 
 logger = logging.getLogger(__name__)
@@ -101,23 +102,13 @@ def training_rows(spark: SparkSession, cfg: Config, split: str):
         return pd.DataFrame({c: [] for c in ROW_COLUMNS})
     examples = read_table(spark, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)
     items = read_table(spark, cfg, "items", schemas.ITEMS)
-    interactions = _history(spark, cfg, split)
+    interactions = history_for(spark, cfg, split)   # valid: never later nights' rows
     rows = training_frame(examples, items, interactions, cfg, split).toPandas()
     rows = rows.sort_values(["user_id", "item_id"], kind="stable").reset_index(drop=True)
     logger.info("%s rows for training: %d (limit %s), mean base %.3f", split, len(rows),
                 cfg.train.max_examples if split == "train" else cfg.train.valid_examples,
                 rows["base"].mean() if len(rows) else float("nan"))
     return rows
-
-
-def _history(spark: SparkSession, cfg: Config, split: str) -> DataFrame:
-    """The interactions behind `split`'s rows and base: for valid, the history the split was
-    cut from (features.bootstrap_history, as add_base_back scores it), never later nights'."""
-    if split == "valid":
-        from siren_batch.features import bootstrap_history
-
-        return bootstrap_history(spark, cfg)
-    return read_table(spark, cfg, "interactions", schemas.INTERACTIONS)
 
 
 def evidence(picked: DataFrame, items: DataFrame, item_topics: DataFrame, topics: DataFrame) -> DataFrame:
@@ -142,7 +133,7 @@ def cot_rows(spark: SparkSession, cfg: Config, split: str, limit: int | None):
     `limit` rows, sorted by user_id, item_id. For stage 1 (GRPO) and stage 2 (align)."""
     examples = read_table(spark, cfg, "example_sketches", schemas.EXAMPLE_SKETCHES)
     items = read_table(spark, cfg, "items", schemas.ITEMS)
-    interactions = _history(spark, cfg, split)
+    interactions = history_for(spark, cfg, split)   # valid: never later nights' rows
     picked = sample_groups(examples.where(F.col("split") == split), limit, cfg.train.seed).cache()
     frame = training_frame(examples, items, interactions, cfg, split, mode="cot", picked=picked)
     ev = evidence(picked, items, read_table(spark, cfg, "item_topics", schemas.ITEM_TOPICS),
